@@ -1,0 +1,277 @@
+"""The ``loratools`` command. Each command parses its arguments, calls one library function and
+renders its result; errors are turned into one message and exit code 1 (usage errors: 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from . import __version__
+from .dtypes import DTYPE_CHOICES, short_name
+from .errors import LoraToolsError
+from .layout import LAYOUTS
+
+
+class LoraToolsGroup(click.Group):
+    """Turns library errors into messages: ``Error: <what>`` + the hint, exit 1, no traceback.
+
+    ``--debug`` (or LORATOOLS_DEBUG=1) lets the traceback through.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LoraToolsError as e:
+            if ctx.meta.get("loratools.debug"):
+                raise
+            raise _Failure(str(e)) from None
+        except OSError as e:  # disk full, permission denied… while reading or writing
+            if ctx.meta.get("loratools.debug"):
+                raise
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise _Failure(f"{e.strerror or e}{where}. Nothing was written.") from None
+
+
+class _Failure(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.message}", err=True)
+
+
+@click.group(cls=LoraToolsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratools")
+@click.option("--debug", is_flag=True, envvar="LORATOOLS_DEBUG", help="Show tracebacks instead of short messages.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Read, convert, merge and check LoRA adapters — exactly, in bounded memory.
+
+    \b
+    Start with:
+      loratools info ADAPTER                 what an adapter holds
+      loratools merge BASE ADAPTER OUT       W' = W + ΔW, streamed and verified
+    """
+    ctx.meta["loratools.debug"] = debug
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+
+
+def _progress(quiet: bool, label: str) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+    """A progress callback drawing a bar on a terminal; silent in pipes and with --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int, name: str) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
+            state["bar"].__enter__()
+            state["seen"] = 0
+        state["bar"].update(done - state["seen"])
+        state["seen"] = done
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+    return update, close
+
+
+layout_option = click.option(
+    "--layout",
+    type=click.Choice(sorted(LAYOUTS)),
+    default=None,
+    help="Orientation of raw factor pairs when shapes cannot tell (square modules): "
+    + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()),
+)
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight of each adapter, given once per adapter in order (default 1.0 each).")
+@layout_option
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (auto picks CUDA when present).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Output dtype for floating tensors (default: each tensor keeps the base's dtype).")
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="Arithmetic precision; the result is rounded once to the output dtype.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the written output against a float64 reference before moving it into place.")
+@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB, 500MB); default: BASE's sharding.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+def merge(
+    base: Path,
+    paths: tuple[Path, ...],
+    weights: tuple[float, ...],
+    layout: str | None,
+    device: str,
+    dtype: str | None,
+    precision: str,
+    verify: bool,
+    max_shard_size: str | None,
+    dry_run: bool,
+    overwrite: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Merge adapters into a base model: W' = W + Σ weightᵢ·ΔWᵢ.
+
+    \b
+    BASE      a model folder (model.safetensors, or shards + index) or one .safetensors file
+    ADAPTER…  one or more adapters (PEFT folders)
+    OUT       a new folder (or a .safetensors file when BASE is one file)
+
+    ΔW and the sum are computed in float32 (fp64 with --precision fp64) and rounded once to
+    the output dtype; tensors no adapter touches are copied byte for byte. OUT is written
+    next to its final place and moved there only when complete and verified.
+
+    \b
+    Example:
+      loratools merge ./llama ./my-lora ./llama-merged
+      loratools merge ./llama ./a ./b ./out --weight 1 --weight 0.5
+    """
+    from .ops.merge import describe_plan, merge as do_merge
+
+    if len(paths) < 2:
+        raise click.UsageError("merge needs BASE, at least one ADAPTER, and OUT.")
+    *adapters, out = paths
+    bar, close = _progress(quiet or dry_run or as_json, "merging")
+    try:
+        result = do_merge(
+            base, adapters, out, weights=list(weights), layout=layout, device=device, dtype=dtype,
+            precision=precision, max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite,
+            verify=verify, progress=bar,
+        )
+    finally:
+        close()
+    _warn(result.warnings)
+    plan = result.plan
+    assert plan is not None
+    if as_json:
+        click.echo(json.dumps(_result_json(result), indent=2))
+        return
+    if dry_run:
+        for line in describe_plan(plan):
+            click.echo(line)
+        click.echo("dry run: nothing was written.")
+        return
+    if not quiet:
+        gb = result.bytes_written / 1e9
+        click.echo(
+            f"merged {len(plan.adapters)} adapter(s) into {len(result.changed)} tensor(s); "
+            f"{result.copied} copied unchanged; wrote {gb:.2f} GB to {out} in {result.seconds:.1f} s."
+        )
+        if result.verify is not None:
+            click.echo(result.verify.summary())
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    plan = result.plan
+    out: dict[str, Any] = {
+        "out": str(result.out) if result.out else None,
+        "changed": [t.name for t in plan.changed()],
+        "unchanged": len(plan.tensors()) - len(plan.changed()),
+        "files": [s.filename for s in plan.shards],
+        "bytes": plan.total_bytes(),
+        "adapters": [{"path": a.label, "weight": a.weight, "sha256": a.sha256} for a in plan.adapters],
+        "warnings": result.warnings,
+        "seconds": result.seconds,
+    }
+    if result.verify is not None:
+        out["verify"] = {
+            "ok": result.verify.ok,
+            "tensors": [
+                {"name": c.name, "dtype": c.dtype, "kind": c.kind, "status": c.status, "max_ulps": c.max_ulps,
+                 "rel_err": c.rel_err}
+                for c in result.verify.checks
+                if c.kind != "identical"
+            ],
+        }
+    return out
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Bind to this base: show which tensor each module changes, and what does not bind.")
+@layout_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(adapter: Path, base: Path | None, layout: str | None, as_json: bool) -> None:
+    """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
+    and ‖ΔW‖ per module."""
+    from . import load_adapter
+    from .adapter import delta
+
+    a = load_adapter(adapter, base=base, layout=layout)
+    rows = []
+    for target, m in sorted(a.modules.items()):
+        dw = delta(m, dtype=torch.float64)
+        rows.append({
+            "target": target,
+            "kind": m.kind + (" (transposed)" if m.transposed else ""),
+            "rank": m.rank,
+            "alpha": m.alpha,
+            "scale": m.scale,
+            "dtype": short_name(m.A.dtype),
+            "shape": list(m.shape or m.storage_shape(bool(m.transposed))),
+            "dora": m.magnitude is not None,
+            "lora_bias": m.bias is not None,
+            "delta_norm": float(torch.linalg.vector_norm(dw)),
+        })
+    summary = {
+        "path": str(adapter),
+        "format": a.format,
+        "base_model": a.meta.get("base_model"),
+        "modules": len(a.modules),
+        "replacements": sorted(a.replacements),
+        "parameters": a.parameter_count(),
+        "ranks": sorted({r["rank"] for r in rows}),
+        "bound_to": str(base) if base else None,
+        "warnings": a.warnings,
+    }
+    if as_json:
+        click.echo(json.dumps({**summary, "module_list": rows}, indent=2))
+        return
+    _warn(a.warnings)
+    click.echo(f"{adapter}: {a.format} adapter, {len(rows)} LoRA module(s), {a.parameter_count():,} parameters")
+    if a.meta.get("base_model"):
+        click.echo(f"base model: {a.meta['base_model']}")
+    if a.replacements:
+        click.echo(f"full tensors (replace the base): {', '.join(sorted(a.replacements))}")
+    if not rows:
+        return
+    width = max(len(r["target"]) for r in rows)
+    click.echo(f"{'target':<{width}}  {'kind':<22} {'rank':>4} {'alpha':>8} {'scale':>9}  dtype  {'‖ΔW‖':>10}")
+    for r in rows:
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        extra = (" DoRA" if r["dora"] else "") + (" +bias" if r["lora_bias"] else "")
+        click.echo(
+            f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank']:>4} {alpha:>8} {r['scale']:>9.4g}  "
+            f"{r['dtype']:<5}  {r['delta_norm']:>10.4g}"
+        )
+    if base:
+        click.echo(f"all {len(rows)} module(s) bind to tensors of {base} with matching shapes.")
+
+
+def main() -> None:
+    cli(prog_name="loratools")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,198 @@
+"""Binding an adapter to a base: which base tensor each module changes, and in which orientation.
+
+Orientation is settled here, once (DESIGN.md "Layouts and orientation"):
+
+1. a format's own declaration (PEFT ``fan_in_fan_out``, embeddings, conv kernels) must fit the base;
+2. an undeclared module fits the base as (out, in) or as (in, out); a non-square base tells which;
+3. a square base cannot tell: a format default (PEFT: (out, in), or (in, out) for a ``Conv1D``
+   architecture, as PEFT itself decides) applies, else the declared ``--layout``, else the
+   orientation every non-square module of the adapter agrees on, else LayoutAmbiguousError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from .adapter import Adapter, LoraModule
+from .errors import LayoutAmbiguousError, ShapeMismatchError, UnboundModuleError
+
+LAYOUTS = {
+    "out-r-in": "factors (out,r) and (r,in); ΔW = first @ second",
+    "in-r-out": "factors (in,r) and (r,out); ΔW = (first @ second)ᵀ",
+    "linear-ab": "nn.Linear lora_A.weight (r,in) and lora_B.weight (out,r); ΔW = B @ A",
+}
+
+
+def resolve_name(target: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The base tensor a target names: itself, else the one base name ending in ``.target``.
+
+    A suffix that fits several base tensors is ambiguous and binds nothing.
+    """
+    if target in shapes:
+        return target
+    hits = [n for n in shapes if n.endswith("." + target)]
+    if len(hits) == 1:
+        return hits[0]
+    # an adapter made on the full model (``model.x``) applied to a bare backbone (``x``)
+    parts = target.split(".")
+    for i in range(1, len(parts)):
+        tail = ".".join(parts[i:])
+        if tail in shapes:
+            return tail
+    return None
+
+
+def is_conv1d_target(name: str, base_config: Mapping[str, Any] | None) -> bool:
+    from .formats.peft import CONV1D_ARCHS, CONV1D_MODULES
+
+    model_type = (base_config or {}).get("model_type")
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    return model_type in CONV1D_ARCHS and module in CONV1D_MODULES
+
+
+def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None) -> bool | None:
+    """True/False when the module fits ``shape`` in one orientation; None when both fit (square)."""
+    if m.kind == "conv":
+        fits = shape == m.storage_shape(False)
+        return False if fits else _mismatch(m, shape)
+    normal, trans = m.storage_shape(False), m.storage_shape(True)
+    if m.transposed is not None:  # declared by the format
+        if shape == m.storage_shape(m.transposed):
+            return m.transposed
+        if default is None and shape == m.storage_shape(not m.transposed):
+            return not m.transposed
+        return _mismatch(m, shape)
+    if shape == normal and shape == trans:
+        return default
+    if shape == normal:
+        return False
+    if shape == trans:
+        return True
+    return _mismatch(m, shape)
+
+
+def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
+    extra = ""
+    if m.kind == "conv" and len(shape) == len(m.storage_shape(False)) and shape[0] == m.fan_out:
+        groups = m.fan_in // max(1, math.prod(m.kernel)) // max(1, shape[1])
+        if groups > 1:
+            extra = f" (a grouped conv with {groups} groups? grouped-conv LoRA is not a plain delta)"
+    raise ShapeMismatchError(
+        f"Adapter module {m.target} (A {tuple(m.A.shape)}, B {tuple(m.B.shape)}, rank {m.rank}) does not fit "
+        f"base tensor {m.target} of shape {tuple(shape)}: it needs {m.storage_shape(bool(m.transposed))}{extra}.",
+        tensor=m.target,
+        expected=m.storage_shape(bool(m.transposed)),
+        actual=tuple(shape),
+        hint="The adapter was trained on a different base model. Check BASE.",
+    )
+
+
+def bind(
+    adapter: Adapter,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    base_config: Mapping[str, Any] | None = None,
+    layout: str | None = None,
+) -> Adapter:
+    """Return ``adapter`` with every module's ``target``, ``shape`` and ``transposed`` settled.
+
+    Raises UnboundModuleError for a module or replacement with no tensor in the base,
+    ShapeMismatchError when factors do not fit, LayoutAmbiguousError when a square module's
+    orientation cannot be known.
+    """
+    missing: list[str] = []
+    modules: dict[str, LoraModule] = {}
+    undecided: list[tuple[LoraModule, str, tuple[int, ...]]] = []
+    votes: set[bool] = set()
+    layout_default = {"out-r-in": False, "linear-ab": False, "in-r-out": True}.get(layout or "")
+    for m in adapter.modules.values():
+        name = resolve_name(m.target, shapes)
+        if name is None:
+            missing.append(m.target)
+            continue
+        shape = tuple(shapes[name])
+        if m.transposed is None and is_conv1d_target(name, base_config):
+            default: bool | None = True
+        elif m.transposed is None and adapter.format == "peft":
+            default = False  # PEFT's convention for a Linear that fan_in_fan_out does not flip
+        else:
+            default = layout_default
+        t = _orient(m, shape, default)
+        bias_target = m.bias_target
+        if m.bias is not None:
+            bias_target = name.removesuffix(".weight") + ".bias"
+            if bias_target not in shapes:
+                raise UnboundModuleError(
+                    f"Adapter module {m.target} carries a LoRA bias (lora_bias) but the base has no "
+                    f"{bias_target} to merge it into.",
+                    tensor=bias_target,
+                    hint="PEFT refuses this merge too: the base layer has no bias.",
+                )
+            if tuple(shapes[bias_target]) != (m.fan_out,):
+                raise ShapeMismatchError(
+                    f"LoRA bias of {m.target} has {m.fan_out} values, base {bias_target} has shape "
+                    f"{tuple(shapes[bias_target])}.",
+                    tensor=bias_target,
+                )
+        if m.magnitude is not None and m.magnitude.numel() != m.fan_out:
+            raise ShapeMismatchError(
+                f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {m.fan_out} outputs.",
+                tensor=m.target,
+            )
+        bound = replace(m, target=name, shape=shape, transposed=t, bias_target=bias_target)
+        if t is None:
+            undecided.append((bound, name, shape))
+        else:
+            if m.transposed is None and shape[0] != (shape[1] if len(shape) > 1 else None):
+                votes.add(t)
+            modules[name] = bound
+    if missing:
+        raise UnboundModuleError(
+            f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
+            + (" …" if len(missing) > 6 else "")
+            + ".",
+            tensor=missing[0],
+            hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
+        )
+    if undecided:
+        if len(votes) == 1:
+            agreed = votes.pop()
+            for bound, name, _ in undecided:
+                modules[name] = replace(bound, transposed=agreed)
+        else:
+            names = ", ".join(f"{b.target} {s}" for b, _, s in undecided[:6])
+            raise LayoutAmbiguousError(
+                f"Cannot tell the orientation of square module(s) from shapes: {names}"
+                + (" …" if len(undecided) > 6 else "")
+                + (" (the non-square modules disagree)" if votes else "")
+                + ".",
+                tensor=undecided[0][1],
+                hint="Declare it with --layout: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + ".",
+            )
+    replacements = {}
+    for target, t in adapter.replacements.items():
+        name = resolve_name(target, shapes)
+        if name is None:
+            missing.append(target)
+            continue
+        if tuple(shapes[name]) != tuple(t.shape):
+            raise ShapeMismatchError(
+                f"Adapter replaces {name} with a tensor of shape {tuple(t.shape)}, but the base has "
+                f"{tuple(shapes[name])}.",
+                tensor=name,
+                expected=tuple(shapes[name]),
+                actual=tuple(t.shape),
+                hint="A resized vocabulary (added tokens) changes the model's shape; loratools keeps BASE's shapes, "
+                "so resize the base the same way first.",
+            )
+        replacements[name] = t
+    if missing:
+        raise UnboundModuleError(
+            f"Adapter replaces tensor(s) the base does not have: {', '.join(missing[:6])}.",
+            tensor=missing[0],
+            hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
+        )
+    return replace(adapter, modules=modules, replacements=replacements)

@@ -1,0 +1,257 @@
+"""Carry out a plan: shard by shard, tensor by tensor, computing on the device in float32 (or
+float64) and rounding once to the output dtype; untouched tensors are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..adapter import check_finite, delta, delta_bias
+from ..checkpoint.safetensors_io import StreamWriter, read_header
+from ..checkpoint.writer import AtomicOutput
+from ..dtypes import BY_ST
+from ..errors import CorruptFileError, NonFiniteError, VerificationError
+from .plan import Op, Plan, TensorPlan
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Result:
+    """What an operation did: where it wrote, what changed, what the user should know."""
+
+    out: Path | None
+    changed: list[str] = field(default_factory=list)
+    copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    verify: Any = None  # a verify.VerifyReport when the output was verified
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"Unknown device {device!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--device {device}: no CUDA device is available here.", hint="Use --device cpu.")
+    return d
+
+
+def dora_apply(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output over everything else (PEFT's DoRA merge)."""
+    m = op.module
+    assert m is not None and m.magnitude is not None
+    V = W + delta(m, dtype=dtype, device=device, weight=op.weight)
+    axis = m.out_axis
+    dims = tuple(d for d in range(V.dim()) if d != axis)
+    norm = torch.linalg.vector_norm(V, dim=dims, keepdim=True)
+    mag = m.magnitude.to(device=device, dtype=dtype)
+    view = [1] * V.dim()
+    view[axis] = -1
+    return V * (mag.reshape(view) / norm)
+
+
+def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Apply a tensor's ops in order to W (already in the compute dtype on the device)."""
+    for op in ops:
+        if op.kind == "replace":
+            assert op.tensor is not None
+            W = op.tensor.to(device=device, dtype=dtype).clone()
+        elif op.kind == "delta":
+            assert op.module is not None
+            W = W + delta(op.module, dtype=dtype, device=device, weight=op.weight)
+        elif op.kind == "dora":
+            W = dora_apply(W, op, dtype=dtype, device=device)
+        elif op.kind == "bias":
+            assert op.module is not None
+            db = delta_bias(op.module, dtype=dtype, device=device, weight=op.weight)
+            assert db is not None
+            W = W + db
+        else:  # pragma: no cover - plans only hold the kinds above
+            raise ValueError(op.kind)
+    return W
+
+
+CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of about this many elements
+
+
+def slice_op(op: Op, i: int, j: int) -> Op:
+    """The op restricted to storage rows i:j of its tensor (rows = dim 0 of the stored tensor)."""
+    if op.kind == "replace":
+        assert op.tensor is not None
+        return replace(op, tensor=op.tensor[i:j])
+    m = op.module
+    assert m is not None
+    if op.kind == "bias":
+        assert m.bias is not None
+        return replace(op, module=m.with_(bias=m.bias[i:j]))
+    shape = m.shape or m.storage_shape(bool(m.transposed))
+    new_shape = (j - i, *shape[1:])
+    if m.transposed:  # stored (in, out): rows are inputs, columns of A
+        return replace(op, module=m.with_(A=m.A[:, i:j], shape=new_shape))
+    mag = m.magnitude[i:j] if m.magnitude is not None else None
+    return replace(op, module=m.with_(B=m.B[i:j], magnitude=mag, shape=new_shape))
+
+
+def row_blocks(t: TensorPlan) -> list[tuple[int, int]]:
+    """Row ranges to process a tensor in; one block when its ops need whole columns (transposed DoRA)."""
+    shape = t.source.shape
+    if not shape or any(op.kind == "dora" and op.module is not None and op.module.transposed for op in t.ops):
+        return [(0, shape[0] if shape else 1)]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [(0, 0)]
+
+
+def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The output value of one planned tensor, rounded once to its output dtype, on the CPU.
+
+    Work is done in row blocks so that temporaries stay small whatever the tensor's size.
+    """
+    src = plan.base.get(t.name)
+    out_dtype = BY_ST[t.out_dtype].torch
+    if not t.ops:
+        return src.to(out_dtype)
+    if src.dim() == 0:
+        return apply_ops(src.to(device=device, dtype=dtype), t.ops, dtype=dtype, device=device).to(out_dtype).cpu()
+    result = torch.empty(src.shape, dtype=out_dtype)
+    for i, j in row_blocks(t):
+        ops = [slice_op(op, i, j) for op in t.ops]
+        W = src[i:j].to(device=device, dtype=dtype)
+        block = apply_ops(W, ops, dtype=dtype, device=device).to(out_dtype)
+        if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+            had = "" if bool(torch.isfinite(src[i:j]).all()) else " (the base tensor already held non-finite values)"
+            raise NonFiniteError(
+                f"{plan.operation} would write NaN or Inf into {t.name}{had}.",
+                tensor=t.name,
+                hint=f"Check the adapter weights (a weight far too large overflows {t.out_dtype}); nothing was written.",
+            )
+        result[i:j] = block.cpu()
+    return result
+
+
+def provenance(plan: Plan) -> dict[str, str]:
+    record = {
+        "tool": f"loratools {__version__}",
+        "operation": plan.operation,
+        "adapters": [
+            {
+                "path": str(a.adapter.path),
+                "format": a.adapter.format,
+                "sha256": a.sha256,
+                "weight": a.weight,
+                "base_model": a.adapter.meta.get("base_model"),
+            }
+            for a in plan.adapters
+        ],
+    }
+    return {"loratools": json.dumps(record, separators=(",", ":"))}
+
+
+def execute(
+    plan: Plan,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    single_file: bool = False,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    verify: bool = True,
+) -> Result:
+    """Write ``plan`` to ``out`` atomically; with ``verify`` the written files are checked against a
+    float64 reference (verify.py) before they are moved into place."""
+    start = time.perf_counter()
+    total = plan.total_bytes()
+    done = 0
+    result = Result(out=out, warnings=list(plan.warnings), plan=plan)
+    meta_extra = provenance(plan)
+    atomic = AtomicOutput(out, overwrite=overwrite, single_file=single_file)
+    with atomic as tmp:
+        written: list[tuple[Path, list[TensorPlan]]] = []
+        for shard in plan.shards:
+            base_meta = {}
+            src_header = next((s.header for s in plan.base.shards if s.filename == shard.filename), None)
+            if src_header is not None:
+                base_meta = dict(src_header.metadata)
+            base_meta.setdefault("format", "pt")
+            base_meta.update(meta_extra)
+            path = (tmp / out.name) if single_file else (tmp / shard.filename)
+            entries = [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors]
+            writer = StreamWriter(path, entries, base_meta)
+            try:
+                for t in shard.tensors:
+                    if t.copy and t.source.begin >= 0:
+                        writer.copy_range(t.name, t.source)
+                        result.copied += 1
+                    else:
+                        value = compute_tensor(plan, t, dtype=dtype, device=device)
+                        writer.write_tensor(t.name, value)
+                        del value
+                        if t.ops:
+                            result.changed.append(t.name)
+                        else:
+                            result.copied += 1
+                    done += t.out_nbytes
+                    if progress:
+                        progress(done, total, t.name)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            result.bytes_written += path.stat().st_size
+            written.append((path, shard.tensors))
+        check_written(written)
+        if verify:
+            from ..verify import verify_written
+
+            files = {s.filename: p for s, (p, _) in zip(plan.shards, written)}
+            report = verify_written(plan, files, fp64=dtype == torch.float64)
+            result.verify = report
+            if not report.ok:
+                raise VerificationError(
+                    f"{plan.operation}: the written output failed verification; nothing was written. "
+                    + report.summary(),
+                    hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
+                )
+        if not single_file:
+            if plan.sharded:
+                index = {
+                    "metadata": {"total_size": plan.total_bytes()},
+                    "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+                }
+                (tmp / str(plan.index_name)).write_text(json.dumps(index, indent=2) + "\n")
+            for extra in plan.base.extra_files:
+                shutil.copy2(extra, tmp / extra.name)
+        atomic.commit()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_written(written: list[tuple[Path, list[TensorPlan]]]) -> None:
+    """Read every written header back: names, dtypes and shapes must be those planned."""
+    for path, tensors in written:
+        header = read_header(path)
+        want = {t.name: (t.out_dtype, tuple(t.source.shape)) for t in tensors}
+        got = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+        if want != got:
+            raise CorruptFileError(f"internal: {path.name} does not hold what was planned; nothing was written.")

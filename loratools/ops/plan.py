@@ -1,0 +1,204 @@
+"""Plans: what each output tensor becomes, decided before anything is read or written.
+
+A plan lists, per output shard, per tensor, the operations on it (``Op``s) in order. ``--dry-run``
+prints it; execution follows it to the letter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..checkpoint.reader import Checkpoint
+from ..checkpoint.safetensors_io import TensorInfo
+from ..dtypes import BY_ST, st_name
+from ..errors import InvalidArgumentError, UnsupportedAdapterError
+
+
+@dataclass(frozen=True)
+class Op:
+    """One change to one tensor.
+
+    kind: ``delta`` (W += weight·ΔW), ``dora`` (W = m ⊙ (W+ΔW)/‖W+ΔW‖), ``bias``
+    (b += weight·scale·lora_B.bias), ``replace`` (W = tensor).
+    """
+
+    kind: str
+    adapter: int
+    weight: float = 1.0
+    module: LoraModule | None = None
+    tensor: torch.Tensor | None = None
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    source: TensorInfo
+    out_dtype: str  # safetensors name
+    ops: list[Op] = field(default_factory=list)
+
+    @property
+    def copy(self) -> bool:
+        """Untouched and same dtype: copied byte for byte."""
+        return not self.ops and self.out_dtype == self.source.dtype
+
+    @property
+    def out_nbytes(self) -> int:
+        return math.prod(self.source.shape) * BY_ST[self.out_dtype].itemsize
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[TensorPlan]
+
+
+@dataclass
+class AdapterInput:
+    adapter: Adapter
+    weight: float
+    sha256: str
+    label: str
+
+
+@dataclass
+class Plan:
+    operation: str
+    base: Checkpoint
+    adapters: list[AdapterInput]
+    shards: list[ShardPlan]
+    sharded: bool  # write an index
+    index_name: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def tensors(self) -> list[TensorPlan]:
+        return [t for s in self.shards for t in s.tensors]
+
+    def changed(self) -> list[TensorPlan]:
+        return [t for t in self.tensors() if t.ops]
+
+    def total_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors())
+
+
+def file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p.suffix == ".json":
+            continue  # the weights identify an adapter; configs get reformatted by tools
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def collect_ops(adapters: list[AdapterInput], *, sign: float = 1.0) -> dict[str, list[Op]]:
+    """Ops per base tensor from bound adapters; ``sign`` -1 takes them out (unmerge)."""
+    ops: dict[str, list[Op]] = {}
+    for i, ai in enumerate(adapters):
+        w = sign * ai.weight
+        for name, m in ai.adapter.modules.items():
+            if m.magnitude is not None:
+                if w != 1.0:
+                    raise UnsupportedAdapterError(
+                        f"{ai.label}: DoRA module {name} cannot be applied with weight {w:g}: DoRA rescales the whole "
+                        "weight, so a fraction of it has no meaning.",
+                        tensor=name,
+                        hint="Merge DoRA adapters with weight 1.",
+                    )
+                ops.setdefault(name, []).append(Op("dora", i, w, m))
+            else:
+                ops.setdefault(name, []).append(Op("delta", i, w, m))
+            if m.bias is not None and m.bias_target:
+                ops.setdefault(m.bias_target, []).append(Op("bias", i, w, m))
+        for name, t in ai.adapter.replacements.items():
+            if w != 1.0:
+                raise UnsupportedAdapterError(
+                    f"{ai.label} replaces {name} whole (modules_to_save / trained bias); it cannot be applied with "
+                    f"weight {w:g}.",
+                    tensor=name,
+                    hint="Give this adapter weight 1, or remove the full tensors from it.",
+                )
+            ops.setdefault(name, []).insert(0, Op("replace", i, w, tensor=t))
+    for name, lst in ops.items():
+        kinds = [o.kind for o in lst]
+        if kinds.count("replace") > 1:
+            raise UnsupportedAdapterError(f"Several adapters replace {name} whole; the result would depend on order.",
+                                          tensor=name)
+        if "replace" in kinds and len({o.adapter for o in lst}) > 1:
+            raise UnsupportedAdapterError(
+                f"{adapters[lst[0].adapter].label} replaces {name} whole, and another adapter changes it too; the result "
+                "would depend on order.",
+                tensor=name,
+            )
+        if "dora" in kinds and len(lst) > 1:
+            raise UnsupportedAdapterError(
+                f"{name} is changed by a DoRA module and by other adapters; DoRA's rescaling does not commute with "
+                "them.",
+                tensor=name,
+                hint="Merge the adapters one at a time, in the order you intend.",
+            )
+    return ops
+
+
+def build_plan(
+    operation: str,
+    base: Checkpoint,
+    adapters: list[AdapterInput],
+    ops: dict[str, list[Op]],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | None = None,
+    single_file_out: bool = False,
+) -> Plan:
+    tensor_plans: dict[str, TensorPlan] = {}
+    for shard in base.shards:
+        for name in shard.names:
+            info = base.tensors[name]
+            out_dtype = info.dtype
+            if dtype is not None and BY_ST[info.dtype].floating:
+                out_dtype = st_name(dtype)
+            tensor_plans[name] = TensorPlan(name, info, out_dtype, ops.get(name, []))
+    unknown = sorted(set(ops) - set(tensor_plans))
+    if unknown:  # binding resolves names against the same checkpoint; this is a bug if it happens
+        raise InvalidArgumentError(f"internal: ops for tensors not in the base: {unknown[:5]}")
+    if max_shard_size is None:
+        shards = [ShardPlan(s.filename, [tensor_plans[n] for n in s.names]) for s in base.shards]
+        sharded = base.index_name is not None
+        index_name = base.index_name
+        if base.is_pickle():  # pickles are rewritten as safetensors
+            shards, sharded, index_name = _reshard(list(tensor_plans.values()), None, base)
+    else:
+        if single_file_out:
+            raise InvalidArgumentError(
+                "--max-shard-size needs a folder as OUT: a single .safetensors file cannot be sharded."
+            )
+        shards, sharded, index_name = _reshard(list(tensor_plans.values()), max_shard_size, base)
+    return Plan(operation, base, adapters, shards, sharded, index_name)
+
+
+def _reshard(tensors: list[TensorPlan], limit: int | None, base: Checkpoint) -> tuple[list[ShardPlan], bool, str | None]:
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if limit is not None and groups[-1] and size + t.out_nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.out_nbytes
+    stem = "model"
+    if base.shards and base.shards[0].filename.endswith(".safetensors"):
+        first = base.shards[0].filename.removesuffix(".safetensors")
+        stem = first.split("-0", 1)[0] if "-of-" in first else first
+    elif base.shards:
+        stem = {"pytorch_model": "model"}.get(Path(base.shards[0].filename).stem.split("-0")[0], "model")
+    if len(groups) == 1:
+        return [ShardPlan(f"{stem}.safetensors", groups[0])], False, None
+    n = len(groups)
+    shards = [ShardPlan(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+    return shards, True, f"{stem}.safetensors.index.json"

@@ -1,0 +1,183 @@
+"""Numerical verification of written outputs against a float64 reference.
+
+For every tensor an operation changed, the reference is computed again in float64 from the base
+and the adapters; the written value must lie within
+
+    1 ulp of the output dtype at the reference value
+    + the forward-error bound of the float32 computation: (r + 2)·u₃₂·(|W| + Σ|wᵢ sᵢ|·|Bᵢ|@|Aᵢ|)
+
+(γ-bound for a length-r dot product plus the additions; a rigorous bound, so a failure is a real
+error, not noise). DoRA tensors use (fan_in + r + 4)·u₃₂·|ref| for the norm. Every tensor an
+operation did not change must be bit-identical to its source: their bytes are compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
+from .dtypes import BY_ST
+from .adapter import delta
+from .ops.execute import apply_ops, row_blocks, slice_op
+from .ops.plan import Op, Plan, TensorPlan
+
+# (mantissa bits, smallest normal exponent) per floating dtype
+_FLOAT_FACTS = {
+    torch.float64: (52, -1022),
+    torch.float32: (23, -126),
+    torch.float16: (10, -14),
+    torch.bfloat16: (7, -126),
+    torch.float8_e4m3fn: (3, -6),
+    torch.float8_e5m2: (2, -14),
+}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each |x| (x in float64)."""
+    mant, emin = _FLOAT_FACTS[dtype]
+    a = x.abs()
+    exp = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a))))
+    exp = torch.clamp(exp, min=emin)
+    return torch.pow(2.0, exp - mant)
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    dtype: str
+    status: str  # "ok", "FAIL"
+    kind: str  # "changed" or "identical"
+    max_ulps: float = 0.0
+    rel_err: float = 0.0
+    mismatched: int = 0
+    numel: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class VerifyReport:
+    checks: list[TensorCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[TensorCheck]:
+        return [c for c in self.checks if not c.ok]
+
+    def summary(self) -> str:
+        changed = [c for c in self.checks if c.kind == "changed"]
+        worst = max((c.max_ulps for c in changed), default=0.0)
+        state = "OK" if self.ok else f"FAILED ({len(self.failures)} tensor(s))"
+        return (
+            f"verify {state}: {len(changed)} changed tensor(s) within bounds (max {worst:.2f} ulp), "
+            f"{len(self.checks) - len(changed)} bit-identical."
+            if self.ok
+            else f"verify {state}: " + ", ".join(c.name for c in self.failures[:10])
+        )
+
+
+def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.begin)
+        fb.seek(b.begin)
+        left = a.nbytes
+        while left:
+            n = min(COPY_CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
+def error_bound(t_ops: list[Op], W: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |computed − ref| from the float32 arithmetic (before output rounding)."""
+    u = 2.0**-24
+    dora = [op.module for op in t_ops if op.kind == "dora" and op.module is not None]
+    if dora:
+        m = dora[0]
+        return (m.fan_in + m.rank + 4) * u * ref.abs().amax() * torch.ones_like(ref)
+    mag = torch.zeros_like(ref) if any(op.kind == "replace" for op in t_ops) else W.abs()
+    r_total = 0
+    for op in t_ops:
+        if op.kind == "replace" and op.tensor is not None:
+            mag = mag + op.tensor.double().abs()
+        elif op.kind == "delta" and op.module is not None:
+            m = op.module
+            r_total += m.rank
+            absmod = m.with_(A=m.A.double().abs(), B=m.B.double().abs(), scale=abs(m.scale))
+            mag = mag + delta(absmod, dtype=torch.float64, weight=abs(op.weight))
+        elif op.kind == "bias" and op.module is not None and op.module.bias is not None:
+            mag = mag + op.module.bias.double().abs() * abs(op.weight * op.module.scale)
+    return (r_total + 2 + len(t_ops)) * u * mag
+
+
+def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool = False) -> TensorCheck:
+    """Compare one written tensor with the float64 reference, in row blocks."""
+    out_dtype = BY_ST[t.out_dtype].torch
+    src = plan.base.get(t.name)
+    got_all = load_tensor(written)
+    cpu = torch.device("cpu")
+    max_ulps = max_err = max_ref = 0.0
+    bad = 0
+    blocks = row_blocks(t) if src.dim() else [(0, 1)]
+    for i, j in blocks:
+        ops = [slice_op(op, i, j) for op in t.ops] if src.dim() else t.ops
+        W = (src[i:j] if src.dim() else src).to(torch.float64)
+        ref = apply_ops(W, ops, dtype=torch.float64, device=cpu)
+        got = (got_all[i:j] if src.dim() else got_all).to(torch.float64)
+        err = (got - ref).abs()
+        if out_dtype in _FLOAT_FACTS:
+            unit = ulp(ref.to(out_dtype).to(torch.float64), out_dtype)
+            bound = unit if fp64 else unit + error_bound(ops, W, ref)
+            ulps = err / unit
+        else:
+            bound = torch.zeros_like(err)
+            ulps = err
+        bad += int((err > bound).sum()) + int((~torch.isfinite(got)).sum())
+        if err.numel():
+            max_ulps = max(max_ulps, float(ulps.max()))
+            max_err = max(max_err, float(err.max()))
+            max_ref = max(max_ref, float(ref.abs().max()))
+    return TensorCheck(
+        t.name,
+        t.out_dtype,
+        "ok" if bad == 0 else "FAIL",
+        "changed",
+        max_ulps=max_ulps,
+        rel_err=max_err / (max_ref or 1.0),
+        mismatched=bad,
+        numel=src.numel(),
+    )
+
+
+def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) -> VerifyReport:
+    """Check files just written for ``plan`` (shard filename → path) tensor by tensor."""
+    report = VerifyReport()
+    for shard in plan.shards:
+        header = read_header(files[shard.filename])
+        for t in shard.tensors:
+            info = header.tensors.get(t.name)
+            if info is None:
+                report.checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
+                continue
+            if t.ops:
+                report.checks.append(check_changed(plan, t, info, fp64=fp64))
+            elif t.copy and t.source.begin >= 0:
+                ok = same_bytes(t.source, info)
+                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "identical",
+                                                 numel=0))
+            else:  # a cast without ops (--dtype): one rounding of the source value
+                src = plan.base.get(t.name).to(BY_ST[t.out_dtype].torch)
+                ok = torch.equal(load_tensor(info), src)
+                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "identical"))
+    return report
