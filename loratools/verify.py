@@ -25,6 +25,8 @@ from .ops.execute import apply_ops, row_blocks, slice_op
 from .ops.plan import Op, Plan, TensorPlan
 
 # (mantissa bits, smallest normal exponent) per floating dtype
+VERIFY_CHUNK = 1 << 22  # elements per block: float64 temporaries of 32 MB
+
 _FLOAT_FACTS = {
     torch.float64: (52, -1022),
     torch.float32: (23, -126),
@@ -36,12 +38,11 @@ _FLOAT_FACTS = {
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at each |x| (x in float64)."""
+    """The spacing of ``dtype`` at each |x|, as float32 (x: float32; exact for powers of two)."""
     mant, emin = _FLOAT_FACTS[dtype]
-    a = x.abs()
-    exp = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a))))
-    exp = torch.clamp(exp, min=emin)
-    return torch.pow(2.0, exp - mant)
+    _, e = torch.frexp(x)  # x = m·2^e, m in [0.5, 1): floor(log2|x|) = e − 1
+    e = torch.where(x == 0, torch.full_like(e, emin), (e - 1).clamp_(min=emin))
+    return torch.ldexp(torch.ones_like(x), e - mant)
 
 
 @dataclass
@@ -100,25 +101,25 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
 
 
 def error_bound(t_ops: list[Op], W: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-element bound on |computed − ref| from the float32 arithmetic (before output rounding)."""
+    """Per-element bound (float32) on |computed − ref| from the float32 arithmetic, before rounding."""
     u = 2.0**-24
     dora = [op.module for op in t_ops if op.kind == "dora" and op.module is not None]
     if dora:
         m = dora[0]
-        return (m.fan_in + m.rank + 4) * u * ref.abs().amax() * torch.ones_like(ref)
-    mag = torch.zeros_like(ref) if any(op.kind == "replace" for op in t_ops) else W.abs()
+        return torch.full(ref.shape, (m.fan_in + m.rank + 4) * u * float(ref.abs().max()))
+    mag = torch.zeros(ref.shape) if any(op.kind == "replace" for op in t_ops) else W.abs().float()
     r_total = 0
     for op in t_ops:
         if op.kind == "replace" and op.tensor is not None:
-            mag = mag + op.tensor.double().abs()
+            mag += op.tensor.float().abs()
         elif op.kind == "delta" and op.module is not None:
             m = op.module
             r_total += m.rank
-            absmod = m.with_(A=m.A.double().abs(), B=m.B.double().abs(), scale=abs(m.scale))
-            mag = mag + delta(absmod, dtype=torch.float64, weight=abs(op.weight))
+            mag += delta(m.with_(A=m.A.float().abs(), B=m.B.float().abs(), scale=abs(m.scale)), weight=abs(op.weight))
         elif op.kind == "bias" and op.module is not None and op.module.bias is not None:
-            mag = mag + op.module.bias.double().abs() * abs(op.weight * op.module.scale)
-    return (r_total + 2 + len(t_ops)) * u * mag
+            mag += op.module.bias.float().abs() * abs(op.weight * op.module.scale)
+    # 1.01: the bound itself is evaluated in float32
+    return mag.mul_(1.01 * (r_total + 2 + len(t_ops)) * u)
 
 
 def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool = False) -> TensorCheck:
@@ -129,16 +130,18 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
     cpu = torch.device("cpu")
     max_ulps = max_err = max_ref = 0.0
     bad = 0
-    blocks = row_blocks(t) if src.dim() else [(0, 1)]
-    for i, j in blocks:
-        ops = [slice_op(op, i, j) for op in t.ops] if src.dim() else t.ops
-        W = (src[i:j] if src.dim() else src).to(torch.float64)
-        ref = apply_ops(W, ops, dtype=torch.float64, device=cpu)
-        got = (got_all[i:j] if src.dim() else got_all).to(torch.float64)
-        err = (got - ref).abs()
+    scalar = src.dim() == 0
+    for i, j in ([(0, 1)] if scalar else row_blocks(t, VERIFY_CHUNK)):
+        ops = t.ops if scalar else [slice_op(op, i, j) for op in t.ops]
+        W = src if scalar else src[i:j]
+        ref = apply_ops(W.to(torch.float64), ops, dtype=torch.float64, device=cpu)
+        got = got_all if scalar else got_all[i:j]
+        err = (got.to(torch.float64) - ref).abs_().float()
+        ref32 = ref.float()
+        del ref
         if out_dtype in _FLOAT_FACTS:
-            unit = ulp(ref.to(out_dtype).to(torch.float64), out_dtype)
-            bound = unit if fp64 else unit + error_bound(ops, W, ref)
+            unit = ulp(ref32, out_dtype)
+            bound = unit if fp64 else error_bound(ops, W, ref32).add_(unit)
             ulps = err / unit
         else:
             bound = torch.zeros_like(err)
@@ -147,7 +150,7 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
         if err.numel():
             max_ulps = max(max_ulps, float(ulps.max()))
             max_err = max(max_err, float(err.max()))
-            max_ref = max(max_ref, float(ref.abs().max()))
+            max_ref = max(max_ref, float(ref32.abs().max()))
     return TensorCheck(
         t.name,
         t.out_dtype,

@@ -112,13 +112,13 @@ def slice_op(op: Op, i: int, j: int) -> Op:
     return replace(op, module=m.with_(B=m.B[i:j], magnitude=mag, shape=new_shape))
 
 
-def row_blocks(t: TensorPlan) -> list[tuple[int, int]]:
+def row_blocks(t: TensorPlan, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
     """Row ranges to process a tensor in; one block when its ops need whole columns (transposed DoRA)."""
     shape = t.source.shape
     if not shape or any(op.kind == "dora" and op.module is not None and op.module.transposed for op in t.ops):
         return [(0, shape[0] if shape else 1)]
     per_row = max(1, math.prod(shape[1:]))
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, chunk // per_row)
     return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [(0, 0)]
 
 
