@@ -25,7 +25,7 @@ from .ops.execute import apply_ops, row_blocks, slice_op
 from .ops.plan import Op, Plan, TensorPlan
 
 # (mantissa bits, smallest normal exponent) per floating dtype
-VERIFY_CHUNK = 1 << 22  # elements per block: float64 temporaries of 32 MB
+VERIFY_CHUNK = 1 << 20  # elements per block: small enough to stay in cache
 
 _FLOAT_FACTS = {
     torch.float64: (52, -1022),

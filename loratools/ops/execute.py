@@ -91,7 +91,7 @@ def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: tor
     return W
 
 
-CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of about this many elements
+CHUNK_ELEMENTS = 1 << 22  # rows are processed in blocks of about this many elements
 
 
 def slice_op(op: Op, i: int, j: int) -> Op:
