@@ -3,6 +3,8 @@
 Public API::
 
     load_adapter(path, *, format=None, base=None, layout=None) -> Adapter
+    save_adapter(adapter, out, *, format="peft") -> list[Path]
+    convert(adapter, out, *, to, base=None, layout=None, ...) -> ConvertResult
     merge(base, adapters, out, *, weights=None, ...) -> Result
     delta(module) -> torch.Tensor          # ΔW of one module in its base tensor's shape
 """
@@ -17,6 +19,7 @@ from .adapter import Adapter, LoraModule, delta
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .ops.execute import Result
+from .ops.convert import convert
 from .ops.merge import merge
 
 
@@ -26,17 +29,40 @@ def load_adapter(
     format: str | None = None,
     base: str | Path | None = None,
     layout: str | None = None,
+    scale: float | None = None,
 ) -> Adapter:
-    """Read an adapter into its canonical form; with ``base``, bind it (targets, shapes, orientation)."""
-    from .checkpoint.reader import open_checkpoint
+    """Read an adapter into its canonical form.
+
+    With ``base`` (or, for a raw file that also holds the module weights, by itself) the adapter
+    is bound: every module's target tensor, shape and orientation are settled. ``layout`` declares
+    the orientation of raw factor pairs; ``scale`` is the multiplier a raw file's code applied.
+    """
     from .formats import read_adapter
-    from .layout import bind
+    from .ops.convert import prepare
 
     adapter = read_adapter(path, format=format)
-    if base is not None:
-        ckpt = open_checkpoint(base)
-        adapter = bind(adapter, {n: t.shape for n, t in ckpt.tensors.items()}, base_config=ckpt.config, layout=layout)
-    return adapter
+    if base is None and layout is None and adapter.format == "raw" and not adapter.meta.get("base_keys"):
+        if scale is not None:
+            adapter.modules = {n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()}
+        return adapter  # factor-only raw file: orientation stays open until a base is given
+    return prepare(adapter, base=base, layout=layout, scale=scale)
 
 
-__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "merge", "Result", "__version__", *_errors_all]
+__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "Result", "__version__", *_errors_all]
+
+
+def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:
+    """Write a (bound) adapter to the folder ``out`` in ``format``, atomically."""
+    from .checkpoint.writer import AtomicOutput, check_output
+    from .errors import InvalidArgumentError
+    from .formats import FORMATS
+
+    out = Path(out)
+    if format not in FORMATS or not hasattr(FORMATS[format], "write"):
+        raise InvalidArgumentError(f"Cannot write format {format!r}.")
+    check_output(out, inputs=[], overwrite=overwrite)
+    atomic = AtomicOutput(out, overwrite=overwrite)
+    with atomic as tmp:
+        names = [p.name for p in FORMATS[format].write(adapter, tmp)]
+        atomic.commit()
+    return [out / n for n in names]

@@ -5,7 +5,6 @@ renders its result; errors are turned into one message and exit code 1 (usage er
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -206,25 +205,64 @@ def _result_json(result: Any) -> dict[str, Any]:
     return out
 
 
+scale_option = click.option(
+    "--scale", type=float, default=None,
+    help="Raw factor files only: the multiplier their code applied to the product (default 1).",
+)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["peft"]), required=True, help="Format to write.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Base checkpoint to bind to (needed for raw factors whose orientation shapes cannot tell).")
+@layout_option
+@scale_option
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Store the factors in this dtype.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Read the written adapter back and compare every module's ΔW with the input's (float64).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | None, scale: float | None,
+            dtype: str | None, verify: bool, overwrite: bool) -> None:
+    """Rewrite an adapter in another format, keeping every module's ΔW.
+
+    \b
+    A raw state dict (a module's weights saved beside its LoRA factors) becomes an adapter of its
+    factors, bound to the weights in the same file:
+      loratools convert model_with_lora.safetensors ./peft-adapter --to peft --scale 2
+    """
+    from .ops.convert import convert as do_convert
+
+    result = do_convert(adapter, out, to=to, base=base, layout=layout, dtype=dtype, scale=scale,
+                        overwrite=overwrite, verify=verify)
+    _warn(result.warnings)
+    check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
+    click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
+
+
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Bind to this base: show which tensor each module changes, and what does not bind.")
 @layout_option
+@scale_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(adapter: Path, base: Path | None, layout: str | None, as_json: bool) -> None:
+def info(adapter: Path, base: Path | None, layout: str | None, scale: float | None, as_json: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
     from . import load_adapter
     from .adapter import delta
 
-    a = load_adapter(adapter, base=base, layout=layout)
+    a = load_adapter(adapter, base=base, layout=layout, scale=scale)
     rows = []
     for target, m in sorted(a.modules.items()):
         dw = delta(m, dtype=torch.float64)
         rows.append({
             "target": target,
-            "kind": m.kind + (" (transposed)" if m.transposed else ""),
+            "kind": m.kind + (" (transposed)" if m.transposed else " (orientation open)" if m.transposed is None
+                              and a.meta.get("factor_orientation") else ""),
+            "source_keys": list(m.source_keys),
             "rank": m.rank,
             "alpha": m.alpha,
             "scale": m.scale,
@@ -265,8 +303,10 @@ def info(adapter: Path, base: Path | None, layout: str | None, as_json: bool) ->
             f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank']:>4} {alpha:>8} {r['scale']:>9.4g}  "
             f"{r['dtype']:<5}  {r['delta_norm']:>10.4g}"
         )
-    if base:
-        click.echo(f"all {len(rows)} module(s) bind to tensors of {base} with matching shapes.")
+    if base or a.meta.get("base_keys"):
+        click.echo(f"all {len(rows)} module(s) bind to tensors of {base or adapter} with matching shapes.")
+    if any(r["kind"].endswith("(orientation open)") for r in rows):
+        click.echo("orientation of raw factors is settled by --base or --layout; ‖ΔW‖ does not depend on it.")
 
 
 def main() -> None:

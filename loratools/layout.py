@@ -45,6 +45,26 @@ def resolve_name(target: str, shapes: Mapping[str, tuple[int, ...]]) -> str | No
     return None
 
 
+def sibling_target(m: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """For factors that are submodules of a parent (``attn.lora_A.weight`` beside ``attn.q_proj.weight``):
+    the one weight among the parent's direct children whose shape fits the factors."""
+    parent = m.target.removesuffix(".weight")
+    depth = parent.count(".") + 2 if parent else 1
+    fits = [
+        n for n, s in shapes.items()
+        if n.endswith(".weight") and (n.startswith(parent + ".") if parent else True) and n.count(".") == depth
+        and tuple(s) in (m.storage_shape(False), m.storage_shape(True))
+    ]
+    if len(fits) > 1:
+        raise LayoutAmbiguousError(
+            f"LoRA factors {', '.join(m.source_keys)} fit several weights of {parent or 'the model'}: "
+            f"{', '.join(sorted(fits))}; loratools will not guess which one they belong to.",
+            tensor=m.target,
+            hint="Rename the factors to sit under the module they adapt (e.g. q_proj.lora_A.weight).",
+        )
+    return fits[0] if fits else None
+
+
 def is_conv1d_target(name: str, base_config: Mapping[str, Any] | None) -> bool:
     from .formats.peft import CONV1D_ARCHS, CONV1D_MODULES
 
@@ -90,6 +110,27 @@ def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
     )
 
 
+def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
+    """Raw factor pairs: the base is a plain (out, in) weight, so a transposed product means the
+    factors were stored transposed: keep ΔW, store A (r, in) and B (out, r) like every other format."""
+    if layout == "linear-ab":
+        from .formats.raw import DOWN_NAMES, split_key
+
+        second = split_key(m.source_keys[1]) if len(m.source_keys) > 1 else None
+        if m.transposed or second is None or second[1] not in DOWN_NAMES:
+            raise LayoutAmbiguousError(
+                f"--layout linear-ab says ΔW = B @ A with A (r, in), but {', '.join(m.source_keys)} do not fit that: "
+                f"ΔW would be {'(first @ second)ᵀ' if m.transposed else 'first @ second'} with the factors named "
+                "the other way round.",
+                tensor=m.target,
+                hint="Use --layout out-r-in or in-r-out, which go by shapes, not names.",
+            )
+    if not m.transposed:
+        return m
+    return replace(m, A=m.B.T.contiguous(), B=m.A.T.contiguous(), transposed=False,
+                   source_keys=tuple(reversed(m.source_keys)))
+
+
 def bind(
     adapter: Adapter,
     shapes: Mapping[str, tuple[int, ...]],
@@ -110,6 +151,8 @@ def bind(
     layout_default = {"out-r-in": False, "linear-ab": False, "in-r-out": True}.get(layout or "")
     for m in adapter.modules.values():
         name = resolve_name(m.target, shapes)
+        if name is None and adapter.meta.get("sibling_binding"):
+            name = sibling_target(m, shapes)
         if name is None:
             missing.append(m.target)
             continue
@@ -172,6 +215,8 @@ def bind(
                 tensor=undecided[0][1],
                 hint="Declare it with --layout: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + ".",
             )
+    if adapter.meta.get("factor_orientation"):
+        modules = {n: _normalize(m, layout) for n, m in modules.items()}
     replacements = {}
     for target, t in adapter.replacements.items():
         name = resolve_name(target, shapes)

@@ -57,6 +57,13 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 
+    def drop(self, names: set[str]) -> None:
+        """Leave tensors out of this checkpoint (LoRA factors stored beside the weights they adapt)."""
+        for shard in self.shards:
+            shard.names = [n for n in shard.names if n not in names]
+        self.shards = [s for s in self.shards if s.names]
+        self.tensors = {n: t for n, t in self.tensors.items() if n not in names}
+
     def is_pickle(self) -> bool:
         return bool(self._pickled)
 

@@ -18,10 +18,11 @@ from types import ModuleType
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError, AdapterNotFoundError, InvalidArgumentError
-from . import peft
+from . import peft, raw
 
 FORMATS: dict[str, ModuleType] = {
     peft.NAME: peft,
+    raw.NAME: raw,  # last: it claims any file holding factor pairs
 }
 
 
@@ -32,7 +33,8 @@ def detect_format(path: Path) -> str:
     raise AdapterFormatError(
         f"{path} is not an adapter in a format loratools reads ({', '.join(FORMATS)}).",
         path=path,
-        hint="A PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors.",
+        hint="A PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors; a raw file "
+        "holds factor pairs such as q_proj.lora_A / q_proj.lora_B.",
     )
 
 

@@ -38,10 +38,13 @@ def load_inputs(
             hint="Give --weight once per adapter, in the same order, or not at all (every weight is then 1).",
         )
     ckpt = open_checkpoint(base)
+    read = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
+    for adapter in read:  # BASE and ADAPTER the same raw file: its factors are not part of the model
+        if adapter.path is not None and Path(adapter.path).resolve() == Path(base).resolve():
+            ckpt.drop({k for m in adapter.modules.values() for k in m.source_keys})
     shapes = {n: t.shape for n, t in ckpt.tensors.items()}
     inputs: list[AdapterInput] = []
-    for a, w in zip(adapters, weights):
-        adapter = a if isinstance(a, Adapter) else read_adapter(a)
+    for adapter, w in zip(read, weights):
         bound = bind(adapter, shapes, base_config=ckpt.config, layout=layout)
         label = str(adapter.path) if adapter.path else f"adapter {len(inputs) + 1}"
         inputs.append(AdapterInput(bound, float(w), file_sha256(adapter.files), label))
@@ -80,7 +83,7 @@ def merge(
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     dev = resolve_device(device)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    input_paths = [Path(base)] + [Path(a) for a in adapters if not isinstance(a, Adapter)]
+    input_paths = list(dict.fromkeys([Path(base)] + [Path(a) for a in adapters if not isinstance(a, Adapter)]))
     if not dry_run:
         for p in input_paths:
             if not p.exists():

@@ -196,7 +196,8 @@ def _reshard(tensors: list[TensorPlan], limit: int | None, base: Checkpoint) -> 
         first = base.shards[0].filename.removesuffix(".safetensors")
         stem = first.split("-0", 1)[0] if "-of-" in first else first
     elif base.shards:
-        stem = {"pytorch_model": "model"}.get(Path(base.shards[0].filename).stem.split("-0")[0], "model")
+        own = Path(base.shards[0].filename).stem.split("-0")[0]
+        stem = {"pytorch_model": "model"}.get(own, own)
     if len(groups) == 1:
         return [ShardPlan(f"{stem}.safetensors", groups[0])], False, None
     n = len(groups)

@@ -1,0 +1,155 @@
+"""Raw state dicts: a module's own weights saved beside LoRA factors that people wrote themselves.
+
+The factors are found by name pairs under a common prefix — ``lora_a``/``lora_b``,
+``lora_A``/``lora_B`` (also as ``nn.Linear`` submodules: ``….lora_A.weight``), ``U``/``V``,
+``lora_up``/``lora_down`` — but **names do not tell the orientation**: one codebase keeps
+``lora_a`` (out, r) and adds ``lora_a @ lora_b``, another keeps ``lora_A`` (in, r) and computes
+``x @ lora_A @ lora_B``. So the reader only decides which factor comes first in the product (the
+one whose columns match the other's rows); whether ΔW is that product or its transpose is decided
+when binding to the base (``layout.py``): from a non-square base's shape, else ``--layout``, else
+the orientation every non-square pair of the file agrees on, else an error.
+
+Every other key of the file is a base tensor (consumed as such when the file is also BASE).
+No scale is stored: it lives in the code that used the factors; it is 1 here, and ``--weight``
+(merge) or ``scale=`` (load_adapter / convert) supplies it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule, check_finite
+from ..checkpoint.reader import PICKLE_SUFFIXES, load_pickle
+from ..checkpoint.safetensors_io import load_tensor, read_header
+from ..errors import AdapterFormatError, AdapterNotFoundError, LayoutAmbiguousError, UnsupportedAdapterError
+
+NAME = "raw"
+SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+# name pairs that mark LoRA factors; the order inside a pair says nothing about orientation
+PAIRS: list[tuple[str, str]] = [
+    ("lora_a", "lora_b"),
+    ("lora_A", "lora_B"),
+    ("lora_down", "lora_up"),
+    ("lora_u", "lora_v"),
+    ("U", "V"),
+]
+# which member of a pair is the "A" (down) factor in nn.Linear convention, for --layout linear-ab
+DOWN_NAMES = {"lora_a", "lora_A", "lora_down"}
+FACTOR_NAMES = {n for pair in PAIRS for n in pair}
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(prefix, factor name) for a factor key, ``None`` for any other key."""
+    stem = key.removesuffix(".weight")
+    prefix, _, last = stem.rpartition(".")
+    if last in FACTOR_NAMES:
+        return prefix, last
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        return {n: load_tensor(i) for n, i in header.tensors.items()}
+    return load_pickle(path)
+
+
+def detect(path: Path) -> bool:
+    if not path.is_file() or path.suffix not in SUFFIXES:
+        return False
+    if path.suffix == ".safetensors":
+        try:
+            names = list(read_header(path).tensors)
+        except Exception:  # a broken file is reported by read()
+            return True
+    else:
+        return True  # reading a pickle to peek is the same cost as reading it; read() decides
+    return any(split_key(n) for n in names)
+
+
+def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Tensor]) -> tuple[
+        tuple[str, torch.Tensor], tuple[str, torch.Tensor]]:
+    """(first, second) such that first @ second is defined: first (n1, r), second (r, n2)."""
+    (_, X), (_, Y) = x, y
+    xy = X.shape[1] == Y.shape[0]
+    yx = Y.shape[1] == X.shape[0]
+    if xy and yx:
+        if X.shape[0] == X.shape[1]:
+            raise LayoutAmbiguousError(
+                f"LoRA factors {x[0]} {tuple(X.shape)} and {y[0]} {tuple(Y.shape)} are square: their rank and "
+                "order cannot be told from shapes.",
+                tensor=prefix,
+                hint="loratools reads low-rank factors; square factors are not a LoRA pair.",
+            )
+        # both orders chain: the shared dimension of a LoRA is its (smaller) rank
+        return (x, y) if X.shape[1] < X.shape[0] else (y, x)
+    if xy:
+        return x, y
+    if yx:
+        return y, x
+    raise AdapterFormatError(
+        f"LoRA factors {x[0]} {tuple(X.shape)} and {y[0]} {tuple(Y.shape)} share no dimension: they cannot be "
+        "multiplied in either order.",
+        tensor=prefix,
+    )
+
+
+def read(path: Path, *, scale: float = 1.0) -> Adapter:
+    if not path.is_file():
+        raise AdapterNotFoundError(f"Adapter not found: {path}.", path=path)
+    sd = read_state_dict(path)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    base_keys: list[str] = []
+    for key, t in sd.items():
+        parts = split_key(key)
+        if parts is None:
+            base_keys.append(key)
+            continue
+        prefix, name = parts
+        groups.setdefault(prefix, {})[name] = (key, t)
+    modules: dict[str, LoraModule] = {}
+    leftovers: list[str] = []
+    for prefix, found in sorted(groups.items()):
+        pair = next((p for p in PAIRS if p[0] in found and p[1] in found), None)
+        if pair is None or len(found) != 2:
+            leftovers.extend(k for k, _ in found.values())
+            continue
+        x, y = found[pair[0]], found[pair[1]]
+        for key, t in (x, y):
+            if t.dim() != 2:
+                raise UnsupportedAdapterError(
+                    f"{path}: {key} has shape {tuple(t.shape)}; raw factor pairs must be 2-D matrices.",
+                    path=path,
+                    tensor=key,
+                )
+            check_finite(t, what=f"adapter tensor {key}", path=path)
+        first, second = order_pair(prefix, x, y)
+        B, A = first[1], second[1]
+        target = f"{prefix}.weight" if prefix else "weight"
+        modules[target] = LoraModule(
+            target=target,
+            A=A,
+            B=B,
+            scale=float(scale),
+            alpha=None,
+            kind="linear",
+            transposed=None,
+            source_keys=(first[0], second[0]),
+        )
+    if leftovers:
+        raise AdapterFormatError(
+            f"{path}: LoRA factor tensors without a partner: {', '.join(sorted(leftovers)[:8])}.",
+            path=path,
+            hint="Factors are paired by a common prefix and the names " + ", ".join("/".join(p) for p in PAIRS) + ".",
+        )
+    if not modules:
+        raise AdapterFormatError(f"{path} holds no LoRA factor pairs.", path=path)
+    return Adapter(
+        modules=modules,
+        meta={"format": NAME, "base_keys": base_keys, "sibling_binding": True, "factor_orientation": True},
+        path=path,
+        files=[path],
+    )
