@@ -96,67 +96,37 @@ layout_option = click.option(
 )
 
 
-@cli.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--weight", "weights", type=float, multiple=True,
-              help="Weight of each adapter, given once per adapter in order (default 1.0 each).")
-@layout_option
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (auto picks CUDA when present).")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
-              help="Output dtype for floating tensors (default: each tensor keeps the base's dtype).")
-@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
-              help="Arithmetic precision; the result is rounded once to the output dtype.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check the written output against a float64 reference before moving it into place.")
-@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB, 500MB); default: BASE's sharding.")
-@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def merge(
-    base: Path,
-    paths: tuple[Path, ...],
-    weights: tuple[float, ...],
-    layout: str | None,
-    device: str,
-    dtype: str | None,
-    precision: str,
-    verify: bool,
-    max_shard_size: str | None,
-    dry_run: bool,
-    overwrite: bool,
-    as_json: bool,
-    quiet: bool,
-) -> None:
-    """Merge adapters into a base model: W' = W + Σ weightᵢ·ΔWᵢ.
+def checkpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options merge, unmerge and swap share."""
+    for option in reversed([
+        layout_option,
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N (auto picks CUDA when present)."),
+        click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                     help="Output dtype for floating tensors (default: each tensor keeps its dtype)."),
+        click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+                     help="Arithmetic precision; the result is rounded once to the output dtype."),
+        click.option("--verify/--no-verify", default=True, show_default=True,
+                     help="Check the written output against a float64 reference before moving it into place."),
+        click.option("--max-shard-size", default=None,
+                     help="Re-shard the output (e.g. 5GB, 500MB); default: the input's sharding."),
+        click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+    ]):
+        f = option(f)
+    return f
 
-    \b
-    BASE      a model folder (model.safetensors, or shards + index) or one .safetensors file
-    ADAPTER…  one or more adapters (PEFT folders)
-    OUT       a new folder (or a .safetensors file when BASE is one file)
 
-    ΔW and the sum are computed in float32 (fp64 with --precision fp64) and rounded once to
-    the output dtype; tensors no adapter touches are copied byte for byte. OUT is written
-    next to its final place and moved there only when complete and verified.
+def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path, as_json: bool, quiet: bool,
+                       dry_run: bool, **kwargs: Any) -> None:
+    """Call merge / unmerge / swap with a progress bar and render the result."""
+    from .ops.merge import describe_plan
 
-    \b
-    Example:
-      loratools merge ./llama ./my-lora ./llama-merged
-      loratools merge ./llama ./a ./b ./out --weight 1 --weight 0.5
-    """
-    from .ops.merge import describe_plan, merge as do_merge
-
-    if len(paths) < 2:
-        raise click.UsageError("merge needs BASE, at least one ADAPTER, and OUT.")
-    *adapters, out = paths
-    bar, close = _progress(quiet or dry_run or as_json, "merging")
+    bar, close = _progress(quiet or dry_run or as_json, verb)
     try:
-        result = do_merge(
-            base, adapters, out, weights=list(weights), layout=layout, device=device, dtype=dtype,
-            precision=precision, max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite,
-            verify=verify, progress=bar,
-        )
+        result = fn(*args, out, dry_run=dry_run, progress=bar, **kwargs)
     finally:
         close()
     _warn(result.warnings)
@@ -173,11 +143,93 @@ def merge(
     if not quiet:
         gb = result.bytes_written / 1e9
         click.echo(
-            f"merged {len(plan.adapters)} adapter(s) into {len(result.changed)} tensor(s); "
+            f"{verb}: {len(plan.adapters)} adapter(s), {len(result.changed)} tensor(s) changed; "
             f"{result.copied} copied unchanged; wrote {gb:.2f} GB to {out} in {result.seconds:.1f} s."
         )
+        if result.undo_bytes:
+            click.echo(f"undo data beside it: {result.undo_bytes / 1e6:.2f} MB "
+                       f"({100 * result.undo_bytes / max(1, result.bytes_written):.2f}% of the weights).")
         if result.verify is not None:
             click.echo(result.verify.summary())
+
+
+def _split_out(paths: tuple[Path, ...], command: str) -> tuple[list[Path], Path]:
+    if len(paths) < 2:
+        raise click.UsageError(f"{command} needs at least one ADAPTER and OUT.")
+    return list(paths[:-1]), paths[-1]
+
+
+weight_option = click.option("--weight", "weights", type=float, multiple=True,
+                             help="Weight of each adapter, given once per adapter in order.")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@weight_option
+@click.option("--reversible", is_flag=True,
+              help="Store beside OUT the few values rounding would not give back, so unmerge restores BASE bit for bit.")
+@checkpoint_options
+def merge(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], **options: Any) -> None:
+    """Merge adapters into a base model: W' = W + Σ weightᵢ·ΔWᵢ.
+
+    \b
+    BASE      a model folder (model.safetensors, or shards + index) or one .safetensors file
+    ADAPTER…  one or more adapters (PEFT folders, raw factor files)
+    OUT       a new folder (or a .safetensors file when BASE is one file)
+
+    ΔW and the sum are computed in float32 (fp64 with --precision fp64) and rounded once to
+    the output dtype; tensors no adapter touches are copied byte for byte. OUT is written
+    next to its final place and moved there only when complete and verified. Weights default
+    to 1.
+
+    \b
+    Example:
+      loratools merge ./llama ./my-lora ./llama-merged
+      loratools merge ./llama ./a ./b ./out --weight 1 --weight 0.5
+    """
+    from .ops.merge import merge as do_merge
+
+    adapters, out = _split_out(paths, "merge")
+    _run_checkpoint_op("merge", do_merge, base, adapters, out=out, weights=list(weights), **options)
+
+
+@cli.command()
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@weight_option
+@click.option("--force", is_flag=True, help="Take out adapters that MERGED's record does not list, or at other weights.")
+@click.option("--exact/--no-exact", default=True, show_default=True,
+              help="Restore bit for bit when MERGED was merged with --reversible and every adapter is taken out.")
+@checkpoint_options
+def unmerge(merged: Path, paths: tuple[Path, ...], weights: tuple[float, ...], **options: Any) -> None:
+    """Take adapters out of a merged model: W = W' − Σ weightᵢ·ΔWᵢ, one rounding.
+
+    The adapters must be ones loratools merged into MERGED (checked by sha256 against the record in
+    its files; --force overrides); weights default to the recorded ones. A model merged with
+    --reversible comes back bit for bit; DoRA merges are undone with the row norms stored beside
+    them.
+    """
+    from .ops.merge import unmerge as do_unmerge
+
+    adapters, out = _split_out(paths, "unmerge")
+    _run_checkpoint_op("unmerge", do_unmerge, merged, adapters, out=out, weights=list(weights), **options)
+
+
+@cli.command()
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--old-weight", type=float, default=None, help="Weight OLD was merged with (default: the recorded one).")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="Weight of NEW.")
+@click.option("--force", is_flag=True, help="Take OLD out even if MERGED's record does not list it.")
+@checkpoint_options
+def swap(merged: Path, old: Path, new: Path, out: Path, **options: Any) -> None:
+    """Task switch in one pass: W'' = W' − ΔW_old + ΔW_new, rounded once."""
+    from .ops.merge import swap as do_swap
+
+    _run_checkpoint_op("swap", do_swap, merged, old, new, out=out, **options)
 
 
 def _result_json(result: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ so ``except FileNotFoundError`` keeps working for callers who do not know lorato
     ├── NonFiniteError              (ValueError)         NaN or Inf in an input or a result
     ├── OutputExistsError           (FileExistsError)    OUT exists and --overwrite was not given
     ├── InvalidArgumentError        (ValueError)         arguments that contradict each other
-    └── VerificationError           (ValueError)         a written output does not hold what it should
+    ├── VerificationError           (ValueError)         a written output does not hold what it should
+    └── ProvenanceError             (ValueError)         an adapter that was never merged into MERGED
 
 The library never prints or exits; the CLI renders ``str(error)`` and exits 1.
 Each error keeps what its message names (``path``, ``tensor``, ``expected``, ``actual``) and an
@@ -41,6 +42,7 @@ __all__ = [
     "OutputExistsError",
     "InvalidArgumentError",
     "VerificationError",
+    "ProvenanceError",
 ]
 
 
@@ -116,4 +118,8 @@ class InvalidArgumentError(LoraToolsError, ValueError):
 
 
 class VerificationError(LoraToolsError, ValueError):
+    pass
+
+
+class ProvenanceError(LoraToolsError, ValueError):
     pass

@@ -218,11 +218,14 @@ def bind(
     if adapter.meta.get("factor_orientation"):
         modules = {n: _normalize(m, layout) for n, m in modules.items()}
     replacements = {}
+    copies: list[str] = []
     for target, t in adapter.replacements.items():
         name = resolve_name(target, shapes)
         if name is None:
             missing.append(target)
             continue
+        if target in adapter.meta.get("base_copies", ()):
+            copies.append(name)
         if tuple(shapes[name]) != tuple(t.shape):
             raise ShapeMismatchError(
                 f"Adapter replaces {name} with a tensor of shape {tuple(t.shape)}, but the base has "
@@ -240,4 +243,5 @@ def bind(
             tensor=missing[0],
             hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
         )
-    return replace(adapter, modules=modules, replacements=replacements)
+    return replace(adapter, modules=modules, replacements=replacements,
+                   meta={**adapter.meta, "base_copies": copies} if "base_copies" in adapter.meta else adapter.meta)

@@ -74,7 +74,7 @@ class VerifyReport:
         return [c for c in self.checks if not c.ok]
 
     def summary(self) -> str:
-        changed = [c for c in self.checks if c.kind == "changed"]
+        changed = [c for c in self.checks if c.kind in ("changed", "restored")]
         worst = max((c.max_ulps for c in changed), default=0.0)
         state = "OK" if self.ok else f"FAILED ({len(self.failures)} tensor(s))"
         return (
@@ -111,7 +111,14 @@ def error_bound(t_ops: list[Op], W: torch.Tensor, ref: torch.Tensor) -> torch.Te
     r_total = 0
     for op in t_ops:
         if op.kind == "replace" and op.tensor is not None:
-            mag += op.tensor.float().abs()
+            mag = op.tensor.float().abs()  # what came before is overwritten
+        elif op.kind == "dora_undo" and op.module is not None and op.tensor is not None:
+            m = op.module
+            view = [1] * mag.dim()
+            view[m.out_axis] = -1
+            mag = mag * (op.tensor.float() / m.magnitude.float()).abs().reshape(view)
+            r_total += m.rank + 2
+            mag += delta(m.with_(A=m.A.float().abs(), B=m.B.float().abs(), scale=abs(m.scale)))
         elif op.kind == "delta" and op.module is not None:
             m = op.module
             r_total += m.rank
@@ -173,7 +180,14 @@ def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) ->
             if info is None:
                 report.checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
                 continue
-            if t.ops:
+            undo = plan.undo_in
+            if t.ops and plan.exact_undo and undo is not None and t.name in undo.patches:
+                # restored bit for bit: the original's sha256 recorded at merge time is the reference
+                from .ops.undo import tensor_sha256
+
+                ok = tensor_sha256(load_tensor(info)) == undo.sha256.get(t.name)
+                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "restored"))
+            elif t.ops:
                 report.checks.append(check_changed(plan, t, info, fp64=fp64))
             elif t.copy and t.source.begin >= 0:
                 ok = same_bytes(t.source, info)

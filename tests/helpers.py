@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an output (a .safetensors file or a folder of shards), through safetensors itself."""
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*.safetensors")
+                                                 if not p.name.endswith("loratools_undo.safetensors"))
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(f)))

@@ -19,6 +19,7 @@ from .safetensors_io import Header, TensorInfo, load_tensor, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+UNDO_FILE = "loratools_undo.safetensors"  # undo data loratools writes beside a merge (ops/undo.py)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -85,7 +86,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def _open_folder(folder: Path) -> Checkpoint:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     indexes = [p for p in files if p.name.endswith(".safetensors.index.json")]
-    singles = [p for p in files if p.suffix == ".safetensors" and p.name not in ADAPTER_FILES]
+    singles = [p for p in files if p.suffix == ".safetensors" and p.name not in ADAPTER_FILES
+               and not p.name.endswith(UNDO_FILE)]
     if (folder / "adapter_config.json").exists() and not singles:
         raise CheckpointNotFoundError(
             f"{folder} holds an adapter (adapter_config.json), not a base model.",

@@ -70,6 +70,7 @@ class AtomicOutput:
         self.single_file = single_file
         self.tmp = self.out.parent / f".{self.out.name}.loratools-tmp-{uuid.uuid4().hex[:8]}"
         self.committed = False
+        self.stale: list[Path] = []  # companion files of a single-file OUT that a commit removes
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,15 @@ class AtomicOutput:
             os.replace(self.out, old)
         os.replace(src, self.out)
         self.committed = True
+        if self.single_file:
+            # companions written beside a single-file output (its undo data) replace their old selves
+            moved = set()
+            for extra in list(self.tmp.iterdir()):
+                os.replace(extra, self.out.parent / extra.name)
+                moved.add(extra.name)
+            for stale in self.stale:
+                if stale.name not in moved and stale.exists():
+                    stale.unlink()
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 

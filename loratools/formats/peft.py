@@ -202,6 +202,7 @@ def read(path: Path) -> Adapter:
 
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     replacements: dict[str, torch.Tensor] = {}
+    base_copies: list[str] = []  # PEFT's copies of base tensors (``….base_layer.weight``)
     leftovers: list[str] = []
     for key, t in sd.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -215,6 +216,8 @@ def read(path: Path) -> Adapter:
             else:
                 # modules_to_save / bias="all" / the embedding copy PEFT saves beside an embedding LoRA
                 replacements[name.replace(".base_layer.", ".")] = t
+                if name.endswith(".base_layer.weight"):
+                    base_copies.append(name.replace(".base_layer.", "."))
     if leftovers:
         raise AdapterFormatError(
             f"{weights}: {len(leftovers)} LoRA keys loratools does not understand: {', '.join(leftovers[:8])}"
@@ -313,6 +316,7 @@ def read(path: Path) -> Adapter:
             "config": cfg,
             "base_model": cfg.get("base_model_name_or_path"),
             "fan_in_fan_out": fan_in_fan_out,
+            "base_copies": base_copies,
         },
         warnings=warnings,
         path=path,

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..adapter import check_finite, delta, delta_bias
+from ..adapter import LoraModule, delta, delta_bias
 from ..checkpoint.safetensors_io import StreamWriter, read_header
 from ..checkpoint.writer import AtomicOutput
 from ..dtypes import BY_ST
 from ..errors import CorruptFileError, NonFiniteError, VerificationError
-from .plan import Op, Plan, TensorPlan
+from .plan import Op, Plan, TensorPlan, UndoData
+from .undo import RECORD_KEY, tensor_sha256, undo_name, write_undo
 
 Progress = Callable[[int, int, str], None]
 
@@ -38,6 +39,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     plan: Plan | None = None
     verify: Any = None  # a verify.VerifyReport when the output was verified
+    undo_bytes: int = 0  # size of loratools_undo.safetensors written beside the output
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -56,21 +58,38 @@ def resolve_device(device: str | None) -> torch.device:
     return d
 
 
-def dora_apply(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output over everything else (PEFT's DoRA merge)."""
+def _out_view(m: LoraModule, ndim: int) -> list[int]:
+    view = [1] * ndim
+    view[m.out_axis] = -1
+    return view
+
+
+def dora_apply(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device,
+               norms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output over everything else (PEFT's DoRA
+    merge). ``norms`` receives ‖W + ΔW‖ (float32, one value per output) for undo data."""
     m = op.module
     assert m is not None and m.magnitude is not None
-    V = W + delta(m, dtype=dtype, device=device, weight=op.weight)
-    axis = m.out_axis
-    dims = tuple(d for d in range(V.dim()) if d != axis)
+    V = W + delta(m, dtype=dtype, device=device, weight=abs(op.weight))
+    dims = tuple(d for d in range(V.dim()) if d != m.out_axis)
     norm = torch.linalg.vector_norm(V, dim=dims, keepdim=True)
+    if norms is not None:
+        norms.append(norm.reshape(-1).float().cpu())
     mag = m.magnitude.to(device=device, dtype=dtype)
-    view = [1] * V.dim()
-    view[axis] = -1
-    return V * (mag.reshape(view) / norm)
+    return V * (mag.reshape(_out_view(m, V.dim())) / norm)
 
 
-def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def dora_undo(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The inverse of :func:`dora_apply` given the stored norms: W = W'·‖W+ΔW‖/m − ΔW."""
+    m = op.module
+    assert m is not None and m.magnitude is not None and op.tensor is not None
+    view = _out_view(m, W.dim())
+    factor = op.tensor.to(device=device, dtype=dtype).reshape(view) / m.magnitude.to(device=device, dtype=dtype).reshape(view)
+    return W * factor - delta(m, dtype=dtype, device=device, weight=1.0)
+
+
+def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: torch.device,
+              norms: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Apply a tensor's ops in order to W (already in the compute dtype on the device)."""
     for op in ops:
         if op.kind == "replace":
@@ -80,7 +99,9 @@ def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: tor
             assert op.module is not None
             W = W + delta(op.module, dtype=dtype, device=device, weight=op.weight)
         elif op.kind == "dora":
-            W = dora_apply(W, op, dtype=dtype, device=device)
+            W = dora_apply(W, op, dtype=dtype, device=device, norms=norms)
+        elif op.kind == "dora_undo":
+            W = dora_undo(W, op, dtype=dtype, device=device)
         elif op.kind == "bias":
             assert op.module is not None
             db = delta_bias(op.module, dtype=dtype, device=device, weight=op.weight)
@@ -89,6 +110,22 @@ def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: tor
         else:  # pragma: no cover - plans only hold the kinds above
             raise ValueError(op.kind)
     return W
+
+
+def inverse_ops(ops: list[Op], *, norm: torch.Tensor | None, original: torch.Tensor) -> list[Op]:
+    """The ops unmerge applies to take ``ops`` out again, in the order unmerge applies them
+    (collect_ops with every adapter removed): deltas negated in adapter order, DoRA undone with
+    its norms, a replaced tensor restored last."""
+    inv: list[Op] = []
+    restore: list[Op] = []
+    for op in ops:
+        if op.kind in ("delta", "bias"):
+            inv.append(replace(op, weight=-op.weight))
+        elif op.kind == "dora":
+            inv.append(Op("dora_undo", op.adapter, -abs(op.weight), op.module, tensor=norm))
+        elif op.kind == "replace":
+            restore.append(Op("replace", op.adapter, -1.0, tensor=original))
+    return inv + restore
 
 
 CHUNK_ELEMENTS = 1 << 22  # rows are processed in blocks of about this many elements
@@ -100,6 +137,10 @@ def slice_op(op: Op, i: int, j: int) -> Op:
         assert op.tensor is not None
         return replace(op, tensor=op.tensor[i:j])
     m = op.module
+    assert m is not None
+    if op.kind == "dora_undo" and not m.transposed:
+        assert op.tensor is not None
+        op = replace(op, tensor=op.tensor[i:j])
     assert m is not None
     if op.kind == "bias":
         assert m.bias is not None
@@ -115,56 +156,95 @@ def slice_op(op: Op, i: int, j: int) -> Op:
 def row_blocks(t: TensorPlan, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
     """Row ranges to process a tensor in; one block when its ops need whole columns (transposed DoRA)."""
     shape = t.source.shape
-    if not shape or any(op.kind == "dora" and op.module is not None and op.module.transposed for op in t.ops):
+    if not shape or any(op.kind in ("dora", "dora_undo") and op.module is not None and op.module.transposed
+                        for op in t.ops):
         return [(0, shape[0] if shape else 1)]
     per_row = max(1, math.prod(shape[1:]))
     step = max(1, chunk // per_row)
     return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [(0, 0)]
 
 
-def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The output value of one planned tensor, rounded once to its output dtype, on the CPU.
-
-    Work is done in row blocks so that temporaries stay small whatever the tensor's size.
-    """
-    src = plan.base.get(t.name)
-    out_dtype = BY_ST[t.out_dtype].torch
-    if not t.ops:
-        return src.to(out_dtype)
+def _blocks_apply(src: torch.Tensor, t: TensorPlan, ops: list[Op], *, out_dtype: torch.dtype, dtype: torch.dtype,
+                  device: torch.device, operation: str, norms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """ops applied to src in row blocks, each block rounded once to ``out_dtype``."""
     if src.dim() == 0:
-        return apply_ops(src.to(device=device, dtype=dtype), t.ops, dtype=dtype, device=device).to(out_dtype).cpu()
+        return apply_ops(src.to(device=device, dtype=dtype), ops, dtype=dtype, device=device, norms=norms).to(
+            out_dtype).cpu()
     result = torch.empty(src.shape, dtype=out_dtype)
     for i, j in row_blocks(t):
-        ops = [slice_op(op, i, j) for op in t.ops]
+        block_ops = [slice_op(op, i, j) for op in ops]
         W = src[i:j].to(device=device, dtype=dtype)
-        block = apply_ops(W, ops, dtype=dtype, device=device).to(out_dtype)
+        block = apply_ops(W, block_ops, dtype=dtype, device=device, norms=norms).to(out_dtype)
         if block.is_floating_point() and not bool(torch.isfinite(block).all()):
-            had = "" if bool(torch.isfinite(src[i:j]).all()) else " (the base tensor already held non-finite values)"
+            had = "" if bool(torch.isfinite(src[i:j]).all()) else " (the input tensor already held non-finite values)"
             raise NonFiniteError(
-                f"{plan.operation} would write NaN or Inf into {t.name}{had}.",
+                f"{operation} would write NaN or Inf into {t.name}{had}.",
                 tensor=t.name,
-                hint=f"Check the adapter weights (a weight far too large overflows {t.out_dtype}); nothing was written.",
+                hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
+                "nothing was written.",
             )
         result[i:j] = block.cpu()
     return result
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (so −0.0 ≠ 0.0 and NaN payloads count)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.reshape(-1).view(ints) == b.reshape(-1).view(ints)
+
+
+def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: torch.device,
+                   undo_out: UndoData | None = None) -> torch.Tensor:
+    """The output value of one planned tensor, rounded once to its output dtype, on the CPU.
+
+    Work is done in row blocks so that temporaries stay small whatever the tensor's size. With
+    ``undo_out`` the data to take this change out again is collected there (DoRA norms, replaced
+    originals, and with a reversible plan the values that rounding would not give back).
+    """
+    src = plan.base.get(t.name)
+    out_dtype = BY_ST[t.out_dtype].torch
+    if not t.ops:
+        return src.to(out_dtype)
+    norms: list[torch.Tensor] = []
+    result = _blocks_apply(src, t, t.ops, out_dtype=out_dtype, dtype=dtype, device=device,
+                           operation=plan.operation, norms=norms)
+    norm = torch.cat(norms) if norms else None
+    if undo_out is not None:
+        if norm is not None:
+            undo_out.norms[t.name] = norm
+        if any(op.kind == "replace" and plan.adapters[op.adapter].sign > 0 for op in t.ops):
+            undo_out.originals[t.name] = src
+        if plan.reversible and result.dtype == src.dtype:
+            back = _blocks_apply(result, t, inverse_ops(t.ops, norm=norm, original=src), out_dtype=src.dtype,
+                                 dtype=dtype, device=device, operation=plan.operation)
+            idx = torch.nonzero(~_same_bits(back, src)).reshape(-1)
+            if idx.numel():
+                undo_out.patches[t.name] = (idx, src.reshape(-1)[idx].clone())
+                undo_out.sha256[t.name] = tensor_sha256(src)
+    undo_in = plan.undo_in
+    if plan.exact_undo and undo_in is not None and t.name in undo_in.patches:
+        idx, val = undo_in.patches[t.name]
+        result.reshape(-1)[idx] = val.to(result.dtype)
+        if tensor_sha256(result) != undo_in.sha256.get(t.name):
+            raise VerificationError(
+                f"{plan.operation}: {t.name} did not come back bit for bit (its sha256 differs from the one recorded "
+                "at merge time); nothing was written.",
+                tensor=t.name,
+                hint="The arithmetic differs from the merge's (another device or BLAS?). Run unmerge with "
+                "--no-exact to accept the rounding-level result (within 1 ulp).",
+            )
+    return result
+
+
 def provenance(plan: Plan) -> dict[str, str]:
+    """The metadata record every output shard carries: what is merged into this checkpoint now."""
     record = {
         "tool": f"loratools {__version__}",
         "operation": plan.operation,
-        "adapters": [
-            {
-                "path": str(a.adapter.path),
-                "format": a.adapter.format,
-                "sha256": a.sha256,
-                "weight": a.weight,
-                "base_model": a.adapter.meta.get("base_model"),
-            }
-            for a in plan.adapters
-        ],
+        "inputs": [dict(a.record(), sign=a.sign) for a in plan.adapters],
+        "adapters": plan.merged_after,
     }
-    return {"loratools": json.dumps(record, separators=(",", ":"))}
+    return {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
 
 
 def execute(
@@ -185,7 +265,10 @@ def execute(
     done = 0
     result = Result(out=out, warnings=list(plan.warnings), plan=plan)
     meta_extra = provenance(plan)
+    undo_out = UndoData(adapters=plan.merged_after)
     atomic = AtomicOutput(out, overwrite=overwrite, single_file=single_file)
+    if single_file:
+        atomic.stale = [out.parent / undo_name(out, True)]
     with atomic as tmp:
         written: list[tuple[Path, list[TensorPlan]]] = []
         for shard in plan.shards:
@@ -204,7 +287,7 @@ def execute(
                         writer.copy_range(t.name, t.source)
                         result.copied += 1
                     else:
-                        value = compute_tensor(plan, t, dtype=dtype, device=device)
+                        value = compute_tensor(plan, t, dtype=dtype, device=device, undo_out=undo_out)
                         writer.write_tensor(t.name, value)
                         del value
                         if t.ops:
@@ -221,6 +304,17 @@ def execute(
             result.bytes_written += path.stat().st_size
             written.append((path, shard.tensors))
         check_written(written)
+        numel = {t.name: math.prod(t.source.shape) for t in plan.tensors()}
+        if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
+            for name, norm in plan.undo_in.norms.items():
+                if name not in result.changed:
+                    undo_out.norms.setdefault(name, norm)
+            for name, original in plan.undo_in.originals.items():
+                if name not in result.changed:
+                    undo_out.originals.setdefault(name, original)
+        if not undo_out.empty():
+            undo_file = tmp / undo_name(out, single_file)
+            result.undo_bytes = write_undo(undo_file, undo_out, numel)
         if verify:
             from ..verify import verify_written
 

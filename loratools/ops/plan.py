@@ -64,6 +64,30 @@ class AdapterInput:
     weight: float
     sha256: str
     label: str
+    sign: float = 1.0  # −1: taken out (unmerge, the old adapter of swap)
+
+    def record(self) -> dict:
+        return {
+            "path": str(self.adapter.path),
+            "format": self.adapter.format,
+            "sha256": self.sha256,
+            "weight": self.weight,
+            "base_model": self.adapter.meta.get("base_model"),
+        }
+
+
+@dataclass
+class UndoData:
+    """What loratools stores beside a merge (``loratools_undo.safetensors``) to take it out again."""
+
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA ‖W+ΔW‖ per output, float32
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors replaced whole
+    patches: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (flat idx, values)
+    sha256: dict[str, str] = field(default_factory=dict)  # of the original bytes of patched tensors
+    adapters: list[dict] = field(default_factory=list)  # the merge these belong to
+
+    def empty(self) -> bool:
+        return not (self.norms or self.originals or self.patches)
 
 
 @dataclass
@@ -75,6 +99,10 @@ class Plan:
     sharded: bool  # write an index
     index_name: str | None
     warnings: list[str] = field(default_factory=list)
+    merged_after: list[dict] = field(default_factory=list)  # the adapters merged into the output
+    undo_in: UndoData | None = None  # read from the input (unmerge, swap)
+    reversible: bool = False  # store what exact undo needs
+    exact_undo: bool = False  # restore patched tensors bit for bit (all merged adapters taken out)
 
     def tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors]
@@ -97,35 +125,76 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def collect_ops(adapters: list[AdapterInput], *, sign: float = 1.0) -> dict[str, list[Op]]:
-    """Ops per base tensor from bound adapters; ``sign`` -1 takes them out (unmerge)."""
-    ops: dict[str, list[Op]] = {}
+def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> dict[str, list[Op]]:
+    """Ops per base tensor from bound adapters, in the order they apply.
+
+    Adapters with ``sign`` −1 are taken out (unmerge, the old side of swap); their ops come first.
+    Taking out a DoRA module needs the row norms, and taking out a full replacement needs the
+    original tensor: both come from ``undo`` (stored beside a loratools merge).
+    """
+    removals: dict[str, list[Op]] = {}
+    additions: dict[str, list[Op]] = {}
     for i, ai in enumerate(adapters):
-        w = sign * ai.weight
+        w = ai.sign * ai.weight
+        taking_out = ai.sign < 0
+        target = removals if taking_out else additions
         for name, m in ai.adapter.modules.items():
             if m.magnitude is not None:
-                if w != 1.0:
+                if abs(w) != 1.0:
                     raise UnsupportedAdapterError(
-                        f"{ai.label}: DoRA module {name} cannot be applied with weight {w:g}: DoRA rescales the whole "
-                        "weight, so a fraction of it has no meaning.",
+                        f"{ai.label}: DoRA module {name} cannot be applied with weight {abs(w):g}: DoRA rescales the "
+                        "whole weight, so a fraction of it has no meaning.",
                         tensor=name,
-                        hint="Merge DoRA adapters with weight 1.",
+                        hint="Use weight 1 for DoRA adapters.",
                     )
-                ops.setdefault(name, []).append(Op("dora", i, w, m))
+                if taking_out:
+                    norm = undo.norms.get(name) if undo else None
+                    if norm is None:
+                        raise UnsupportedAdapterError(
+                            f"{ai.label}: taking out DoRA module {name} needs the row norms ‖W+ΔW‖ of the original merge, "
+                            "and MERGED does not carry them.",
+                            tensor=name,
+                            hint="loratools stores them in loratools_undo.safetensors beside its DoRA merges; "
+                            "a model merged by another tool cannot be un-merged exactly.",
+                        )
+                    target.setdefault(name, []).append(Op("dora_undo", i, w, m, tensor=norm))
+                else:
+                    target.setdefault(name, []).append(Op("dora", i, w, m))
             else:
-                ops.setdefault(name, []).append(Op("delta", i, w, m))
+                target.setdefault(name, []).append(Op("delta", i, w, m))
             if m.bias is not None and m.bias_target:
-                ops.setdefault(m.bias_target, []).append(Op("bias", i, w, m))
+                target.setdefault(m.bias_target, []).append(Op("bias", i, w, m))
         for name, t in ai.adapter.replacements.items():
-            if w != 1.0:
+            if abs(w) != 1.0:
                 raise UnsupportedAdapterError(
                     f"{ai.label} replaces {name} whole (modules_to_save / trained bias); it cannot be applied with "
-                    f"weight {w:g}.",
+                    f"weight {abs(w):g}.",
                     tensor=name,
                     hint="Give this adapter weight 1, or remove the full tensors from it.",
                 )
-            ops.setdefault(name, []).insert(0, Op("replace", i, w, tensor=t))
-    for name, lst in ops.items():
+            if taking_out:
+                original = undo.originals.get(name) if undo else None
+                if original is None and name in ai.adapter.meta.get("base_copies", ()):
+                    original = t  # PEFT saved the base tensor itself beside its LoRA
+                if original is None:
+                    raise UnsupportedAdapterError(
+                        f"{ai.label} replaced {name} whole; the original tensor is needed to take it out, and MERGED "
+                        "does not carry it.",
+                        tensor=name,
+                        hint="loratools keeps replaced tensors in loratools_undo.safetensors beside its merges.",
+                    )
+                target.setdefault(name, []).append(Op("replace", i, w, tensor=original))  # applied last, see below
+            else:
+                target.setdefault(name, []).insert(0, Op("replace", i, w, tensor=t))
+    for name, lst in removals.items():
+        # undo in reverse: the restore of a replaced tensor comes after taking its deltas out
+        lst.sort(key=lambda o: o.kind == "replace")
+        if any(o.kind == "dora_undo" for o in lst) and len(lst) > 1:
+            raise UnsupportedAdapterError(
+                f"{name}: a DoRA module cannot be taken out together with other changes to the same tensor.",
+                tensor=name,
+            )
+    for name, lst in additions.items():
         kinds = [o.kind for o in lst]
         if kinds.count("replace") > 1:
             raise UnsupportedAdapterError(f"Several adapters replace {name} whole; the result would depend on order.",
@@ -143,6 +212,9 @@ def collect_ops(adapters: list[AdapterInput], *, sign: float = 1.0) -> dict[str,
                 tensor=name,
                 hint="Merge the adapters one at a time, in the order you intend.",
             )
+    ops: dict[str, list[Op]] = {}
+    for name in list(removals) + [n for n in additions if n not in removals]:
+        ops[name] = removals.get(name, []) + additions.get(name, [])
     return ops
 
 

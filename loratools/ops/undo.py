@@ -1,0 +1,106 @@
+"""Provenance records and undo data.
+
+Every output shard carries a ``loratools`` metadata record: the operation and the adapters merged
+into that checkpoint now (path, format, sha256 of the weight files, weight, base model). unmerge
+and swap read it to refuse adapters that were never merged.
+
+``loratools_undo.safetensors`` sits beside a merge's shards when it is needed:
+
+* ``norm::<tensor>``: DoRA's ‖W+ΔW‖ per output (float32) — DoRA cannot be taken out without it;
+* ``original::<tensor>``: a tensor an adapter replaced whole (``modules_to_save``);
+* with ``--reversible``: ``patch_idx::<tensor>`` (int32/int64 flat indices, or a uint8 bit mask)
+  and ``patch_val::<tensor>`` — the few original values that round(round(W+ΔW) − ΔW) does not
+  give back — plus the sha256 of each original tensor, so unmerge restores it bit for bit and
+  proves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint.reader import UNDO_FILE, Checkpoint
+from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors, tensor_bytes
+from .plan import UndoData
+
+RECORD_KEY = "loratools"
+
+
+def read_record(ckpt: Checkpoint) -> dict | None:
+    """The provenance record of a checkpoint written by loratools (None for any other)."""
+    for shard in ckpt.shards:
+        if shard.header is not None and RECORD_KEY in shard.header.metadata:
+            try:
+                record = json.loads(shard.header.metadata[RECORD_KEY])
+                return record if isinstance(record, dict) else None
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
+
+
+def undo_name(out: Path, single_file: bool) -> str:
+    """``loratools_undo.safetensors`` inside a folder output, ``<stem>.loratools_undo.safetensors``
+    beside a single-file one."""
+    return f"{out.stem}.{UNDO_FILE}" if single_file else UNDO_FILE
+
+
+def undo_path(ckpt: Checkpoint) -> Path:
+    if ckpt.is_file:
+        return ckpt.path.parent / undo_name(ckpt.path, True)
+    return ckpt.path / UNDO_FILE
+
+
+def read_undo(ckpt: Checkpoint) -> UndoData | None:
+    path = undo_path(ckpt)
+    if not path.is_file():
+        return None
+    header = read_header(path)
+    meta = json.loads(header.metadata.get(RECORD_KEY, "{}"))
+    undo = UndoData(adapters=list(meta.get("adapters", [])), sha256=dict(meta.get("sha256", {})))
+    numel = meta.get("numel", {})
+    for key, info in header.tensors.items():
+        kind, _, name = key.partition("::")
+        t = load_tensor(info)
+        if kind == "norm":
+            undo.norms[name] = t
+        elif kind == "original":
+            undo.originals[name] = t
+        elif kind == "patch_idx":
+            if t.dtype == torch.uint8:  # a packed bit mask over the flat tensor
+                bits = np.unpackbits(t.numpy())[: int(numel[name])]
+                t = torch.from_numpy(np.flatnonzero(bits))
+            undo.patches[name] = (t.long(), undo.patches.get(name, (None, None))[1])  # type: ignore[arg-type]
+        elif kind == "patch_val":
+            undo.patches[name] = (undo.patches.get(name, (None, None))[0], t)  # type: ignore[arg-type]
+    return undo
+
+
+def write_undo(path: Path, undo: UndoData, numel: dict[str, int]) -> int:
+    """Write undo data; returns the file's size. Patches are stored as indices, or as a bit mask
+    when that is smaller."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in undo.norms.items():
+        tensors[f"norm::{name}"] = t.float().contiguous()
+    for name, t in undo.originals.items():
+        tensors[f"original::{name}"] = t.contiguous()
+    for name, (idx, val) in undo.patches.items():
+        n = numel[name]
+        index_bytes = idx.numel() * (4 if n < 2**31 else 8)
+        if index_bytes > (n + 7) // 8:
+            mask = np.zeros(n, dtype=np.uint8)
+            mask[idx.numpy()] = 1
+            tensors[f"patch_idx::{name}"] = torch.from_numpy(np.packbits(mask))
+        else:
+            tensors[f"patch_idx::{name}"] = idx.to(torch.int32 if n < 2**31 else torch.int64)
+        tensors[f"patch_val::{name}"] = val.contiguous()
+    meta = {"adapters": undo.adapters, "sha256": undo.sha256, "numel": {k: numel[k] for k in undo.patches}}
+    save_tensors(path, tensors, {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
+    return path.stat().st_size
