@@ -21,6 +21,7 @@ from .errors import __all__ as _errors_all
 from .ops.execute import Result
 from .ops.convert import convert
 from .ops.merge import merge, swap, unmerge
+from .ops.stack import extract, resize, stack
 
 
 def load_adapter(
@@ -48,7 +49,7 @@ def load_adapter(
     return prepare(adapter, base=base, layout=layout, scale=scale)
 
 
-__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap", "Result", "__version__", *_errors_all]
+__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap", "stack", "resize", "extract", "Result", "__version__", *_errors_all]
 
 
 def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:

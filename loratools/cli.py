@@ -257,6 +257,114 @@ def _result_json(result: Any) -> dict[str, Any]:
     return out
 
 
+def _report_modules(result: Any, as_json: bool, verb: str) -> None:
+    _warn(result.warnings)
+    if as_json:
+        click.echo(json.dumps({
+            "out": str(result.out) if result.out else None,
+            "modules": [{"target": m.target, "rank": m.rank, "relative_error": m.relative_error, "note": m.note}
+                        for m in result.modules],
+            "replacements": result.replacements,
+            "skipped": result.skipped,
+            "warnings": result.warnings,
+        }, indent=2))
+        return
+    if result.modules:
+        width = max(len(m.target) for m in result.modules)
+        click.echo(f"{'module':<{width}}  rank  rel. error")
+        for m in result.modules:
+            click.echo(f"{m.target:<{width}}  {m.rank:>4}  {m.relative_error:.3e}  {m.note}".rstrip())
+    if result.replacements:
+        click.echo(f"full tensors kept: {', '.join(result.replacements)}")
+    if result.skipped:
+        click.echo(f"skipped: {', '.join(result.skipped)}")
+    where = f" to {result.out}" if result.out else " (dry run: nothing was written)"
+    click.echo(f"{verb}: {len(result.modules)} module(s){where}.")
+
+
+to_option = click.option("--to", "to", type=click.Choice(["peft"]), default="peft", show_default=True,
+                         help="Format of the written adapter.")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
+                                             "magnitude_prune"]), required=True,
+              help="cat: exact, ranks add up. svd/linear: best rank-R approximation of Σ wᵢΔWᵢ. ties, dare_linear, "
+              "dare_ties, magnitude_prune: on ΔW, then factorized to rank R.")
+@weight_option
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Target rank (default: the sum of the input ranks).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Keep the smallest rank holding this fraction of ‖ΔW‖² (capped by --rank).")
+@click.option("--density", type=float, default=None, help="Fraction of ΔW entries kept (ties, dare_*, magnitude_prune).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random pruning.")
+@to_option
+@click.option("--dry-run", is_flag=True, help="Compute and report; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank: int | None, energy: float | None,
+          density: float | None, seed: int, to: str, dry_run: bool, overwrite: bool, as_json: bool) -> None:
+    """One adapter from several: ADAPTER... OUT.
+
+    Everything is combined as ΔW — never A and B separately, which would add cross terms. svd
+    never forms the full matrices (QR of the stacked factors, SVD of the small core) and reaches
+    the Eckart–Young optimum; the report gives each module's relative error.
+    """
+    from .ops.stack import stack as do_stack
+
+    adapters, out = _split_out(paths, "stack")
+    result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy, density=density,
+                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run)
+    _report_modules(result, as_json, f"stack --method {method}")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Keep at most this rank per module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Keep the smallest rank holding this fraction of ‖ΔW‖² (capped by --rank).")
+@to_option
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def resize(adapter: Path, out: Path, rank: int | None, energy: float | None, to: str, overwrite: bool,
+           as_json: bool) -> None:
+    """Change an adapter's rank by truncated SVD of each module's ΔW (best rank-R, Eckart–Young)."""
+    from .ops.stack import resize as do_resize
+
+    _report_modules(do_resize(adapter, out, rank=rank, energy=energy, to=to, overwrite=overwrite), as_json, "resize")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("tuned", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of every extracted module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Per module, the smallest rank holding this fraction of ‖ΔW‖² (capped by --rank).")
+@click.option("--embeddings", type=click.Choice(["full", "lora", "skip"]), default="full", show_default=True,
+              help="Changed embeddings: keep as full tensors, factorize, or leave out.")
+@click.option("--norms", type=click.Choice(["full", "skip"]), default="full", show_default=True,
+              help="Changed 1-D tensors (norms, biases): keep as full tensors or leave out.")
+@to_option
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extract(base: Path, tuned: Path, out: Path, rank: int | None, energy: float | None, embeddings: str, norms: str,
+            to: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """A LoRA adapter from a fine-tuned model: SVD of TUNED − BASE per weight (float32), streamed."""
+    from .ops.stack import extract as do_extract
+
+    bar, close = _progress(quiet or as_json, "extracting")
+    try:
+        result = do_extract(base, tuned, out, rank=rank, energy=energy, embeddings=embeddings, norms=norms, to=to,
+                            overwrite=overwrite, progress=bar)
+    finally:
+        close()
+    _report_modules(result, as_json, "extract")
+
+
 scale_option = click.option(
     "--scale", type=float, default=None,
     help="Raw factor files only: the multiplier their code applied to the product (default 1).",

@@ -359,8 +359,19 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None) -> list
         if not math.isclose(alpha / m.rank, m.scale, rel_tol=1e-12):
             alpha = m.scale * m.rank  # scale is what counts; write the alpha that reproduces it
         ranks[name], alphas[name] = m.rank, alpha
+    lora_modules = {t.removesuffix(".weight") for t in adapter.modules}
+    saved_modules: set[str] = set()
+    trained_biases = False
     for target, t in adapter.replacements.items():
-        tensors[PREFIX + target] = t.contiguous()
+        module, _, param = target.rpartition(".")
+        if module in lora_modules:
+            # a full tensor of a LoRA-targeted module (its bias): PEFT keeps it as base_layer.<param>
+            # with bias="all", since modules_to_save would stop the LoRA from applying
+            tensors[f"{PREFIX}{module}.base_layer.{param}"] = t.contiguous()
+            trained_biases = trained_biases or param == "bias"
+        else:
+            tensors[PREFIX + target] = t.contiguous()
+            saved_modules.add(module)
     common_r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
     common_a = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else 8
     cfg = {
@@ -375,8 +386,8 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None) -> list
         "use_rslora": False,
         "use_dora": any(m.magnitude is not None for m in adapter.modules.values()),
         "lora_bias": any(m.bias is not None for m in adapter.modules.values()),
-        "modules_to_save": sorted({t.rsplit(".", 1)[0] for t in adapter.replacements}) or None,
-        "bias": "none",
+        "modules_to_save": sorted(saved_modules) or None,
+        "bias": "all" if trained_biases else "none",
         "lora_dropout": 0.0,
         "init_lora_weights": True,
         "inference_mode": True,

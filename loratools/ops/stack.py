@@ -1,0 +1,313 @@
+"""stack, resize and extract: new adapters made from adapters or from checkpoints.
+
+Each writes a PEFT adapter (or ``to=`` another writable format) atomically and returns a report
+with, per module, the kept rank and the relative error ‖M − M_R‖_F / ‖M‖_F against the exact
+combination.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..checkpoint.reader import open_checkpoint
+from ..checkpoint.writer import AtomicOutput, check_output
+from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats import FORMATS, read_adapter
+from ..layout import is_conv1d_target
+from . import algebra
+
+METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+@dataclass
+class ModuleReport:
+    target: str
+    rank: int
+    relative_error: float
+    note: str = ""
+
+
+@dataclass
+class AdapterResult:
+    out: Path | None
+    modules: list[ModuleReport] = field(default_factory=list)
+    replacements: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _write(adapter: Adapter, out: Path, *, to: str, overwrite: bool) -> None:
+    if to not in FORMATS or not hasattr(FORMATS[to], "write"):
+        writable = [n for n, f in FORMATS.items() if hasattr(f, "write")]
+        raise InvalidArgumentError(f"Cannot write format {to!r}.", hint=f"Writable formats: {', '.join(writable)}.")
+    atomic = AtomicOutput(out, overwrite=overwrite)
+    with atomic as tmp:
+        FORMATS[to].write(adapter, tmp)
+        atomic.commit()
+
+
+def _module_seed(seed: int, target: str) -> torch.Generator:
+    """One generator per module, independent of module order: seed + crc32(name)."""
+    return torch.Generator().manual_seed((seed + zlib.crc32(target.encode())) % (2**63))
+
+
+def _matrix(m: LoraModule, coef: float = 1.0) -> torch.Tensor:
+    """coef · scale · B @ A in the canonical (fan_out, fan_in) orientation, float64."""
+    return (m.B.double() * (coef * m.scale)) @ m.A.double()
+
+
+def stack(
+    adapters: Sequence[str | Path | Adapter],
+    out: str | Path,
+    *,
+    method: str,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    to: str = "peft",
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> AdapterResult:
+    """One adapter from several: ``cat`` (exact), ``svd``/``linear`` (best rank-R of Σ wᵢΔWᵢ),
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (on ΔW, then rank R)."""
+    out = Path(out)
+    if method not in METHODS:
+        raise InvalidArgumentError(f"Unknown method {method!r}.", hint=f"Methods: {', '.join(METHODS)}.")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise InvalidArgumentError("--method cat is exact: its rank is the sum of the ranks; --rank/--energy do not apply.",
+                                   hint="Use --method svd to reduce the rank.")
+    if method in DENSITY_METHODS:
+        if density is None or not 0 < density <= 1:
+            raise InvalidArgumentError(f"--method {method} needs --density in (0, 1].")
+    elif density is not None:
+        raise InvalidArgumentError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}.")
+    if not adapters:
+        raise InvalidArgumentError("stack needs at least one adapter.")
+    ws = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
+    if len(ws) != len(adapters):
+        raise InvalidArgumentError(f"{len(ws)} --weight value(s) for {len(adapters)} adapter(s).")
+    if not dry_run:
+        check_output(out, inputs=[Path(a) for a in adapters if not isinstance(a, Adapter)], overwrite=overwrite)
+    read = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
+    result = AdapterResult(out=None if dry_run else out)
+    targets: dict[str, list[tuple[LoraModule, float]]] = {}
+    for a, w in zip(read, ws):
+        if a.meta.get("factor_orientation") and any(m.transposed is None for m in a.modules.values()):
+            raise UnsupportedAdapterError(
+                f"{a.path}: raw factor pairs have no settled orientation; convert them with --base first.",
+                path=a.path,
+            )
+        for target, m in a.modules.items():
+            if m.magnitude is not None:
+                raise UnsupportedAdapterError(
+                    f"{a.path}: DoRA module {target} cannot be stacked: its magnitude rescales the whole weight, which "
+                    "no sum of deltas expresses.",
+                    tensor=target,
+                )
+            targets.setdefault(target, []).append((m, w))
+    replacements: dict[str, torch.Tensor] = {}
+    base_copies: set[str] = set()
+    for a, w in zip(read, ws):
+        copies = set(a.meta.get("base_copies", ()))
+        for name, t in a.replacements.items():
+            if name in copies:  # PEFT's copy of the base tensor: the same in every adapter, not weighted
+                if name in replacements and not torch.equal(replacements[name], t):
+                    raise UnsupportedAdapterError(f"The adapters carry different copies of base tensor {name}.",
+                                                  tensor=name)
+                replacements[name] = t
+                base_copies.add(name)
+                continue
+            if name in replacements or w != 1.0:
+                raise UnsupportedAdapterError(
+                    f"Full tensor {name} (modules_to_save) cannot be combined: it comes from several adapters or with "
+                    "a weight other than 1.",
+                    tensor=name,
+                )
+            replacements[name] = t
+    modules: dict[str, LoraModule] = {}
+    for target, parts in sorted(targets.items()):
+        first = parts[0][0]
+        for m, _ in parts[1:]:
+            if (m.fan_out, m.fan_in, m.kind, m.kernel, bool(m.transposed)) != (
+                    first.fan_out, first.fan_in, first.kind, first.kernel, bool(first.transposed)):
+                raise ShapeMismatchError(
+                    f"{target}: the adapters disagree on its shape or kind "
+                    f"({first.kind} {first.fan_out}×{first.fan_in} vs {m.kind} {m.fan_out}×{m.fan_in}).",
+                    tensor=target,
+                )
+        total_rank = sum(m.rank for m, _ in parts)
+        B_cat, A_cat = algebra.concat([(m.B.double(), m.A.double(), w * m.scale) for m, w in parts])
+        if method == "cat":
+            f = algebra.Factors(B_cat, A_cat)
+            note = ""
+        elif method in ("svd", "linear"):
+            f = algebra.factorize_lowrank(B_cat, A_cat, rank=rank or total_rank, energy=energy)
+            note = ""
+        else:
+            tasks = [_matrix(m) for m, _ in parts]
+            w_list = [w for _, w in parts]
+            g = _module_seed(seed, target)
+            dense = {
+                "ties": lambda: algebra.ties(tasks, w_list, density),  # type: ignore[arg-type]
+                "magnitude_prune": lambda: algebra.magnitude_prune(tasks, w_list, density),  # type: ignore[arg-type]
+                "dare_linear": lambda: algebra.dare_linear(tasks, w_list, density, g),  # type: ignore[arg-type]
+                "dare_ties": lambda: algebra.dare_ties(tasks, w_list, density, g),  # type: ignore[arg-type]
+            }[method]()
+            f = algebra.factorize_dense(dense, rank=rank or total_rank, energy=energy, dtype=torch.float64)
+            note = f"density {density}"
+        bias = None
+        if any(m.bias is not None for m, _ in parts):
+            bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
+                       torch.zeros(first.fan_out, dtype=torch.float64))
+        dtype = first.A.dtype if first.A.is_floating_point() else torch.float32
+        modules[target] = first.with_(
+            A=f.A.to(dtype), B=f.B.to(dtype), scale=1.0, alpha=float(f.rank), magnitude=None,
+            bias=None if bias is None else bias.to(dtype), source_keys=(),
+        )
+        result.modules.append(ModuleReport(target, f.rank, f.relative_error, note))
+    result.replacements = sorted(replacements)
+    adapter = Adapter(modules=modules, replacements=replacements,
+                      meta={"format": to, "base_model": next((a.meta.get("base_model") for a in read), None),
+                            "config": read[0].meta.get("config", {}), "base_copies": sorted(base_copies)})
+    if not dry_run:
+        _write(adapter, out, to=to, overwrite=overwrite)
+    return result
+
+
+def resize(
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    to: str = "peft",
+    overwrite: bool = False,
+) -> AdapterResult:
+    """Truncate every module to rank ≤ R (or the smallest rank holding ``energy`` of ‖ΔW‖²)."""
+    if rank is None and energy is None:
+        raise InvalidArgumentError("resize needs --rank or --energy.")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidArgumentError("--energy is a fraction in (0, 1].")
+    out = Path(out)
+    if not isinstance(adapter, Adapter):
+        check_output(out, inputs=[Path(adapter)], overwrite=overwrite)
+    a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    result = AdapterResult(out=out, warnings=list(a.warnings))
+    modules = {}
+    for target, m in sorted(a.modules.items()):
+        if m.magnitude is not None:
+            raise UnsupportedAdapterError(f"DoRA module {target} cannot be resized (its magnitude depends on ΔW).",
+                                          tensor=target)
+        f = algebra.factorize_lowrank(m.B.double() * m.scale, m.A.double(), rank=rank, energy=energy)
+        modules[target] = m.with_(A=f.A.to(m.A.dtype), B=f.B.to(m.B.dtype), scale=1.0, alpha=float(f.rank),
+                                  bias=None if m.bias is None else m.bias * m.scale)
+        result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
+    out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
+    _write(out_adapter, out, to=to, overwrite=overwrite)
+    return result
+
+
+EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                   "embed_positions", "tok_embeddings", "shared", "embeddings")
+
+
+def is_embedding(name: str) -> bool:
+    module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return module in EMBEDDING_NAMES
+
+
+def extract(
+    base: str | Path,
+    tuned: str | Path,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    embeddings: str = "full",
+    norms: str = "full",
+    to: str = "peft",
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> AdapterResult:
+    """A LoRA from a fine-tuned checkpoint minus its base: SVD of TUNED − BASE per 2-D tensor
+    (float32), streamed tensor pair by tensor pair.
+
+    ``embeddings``: ``full`` (keep changed embeddings as full replacements), ``lora`` (factorize
+    them too) or ``skip``. ``norms``: ``full`` or ``skip`` for changed 1-D tensors (norms, biases).
+    Unchanged tensors are left out; what was skipped is reported.
+    """
+    if rank is None and energy is None:
+        raise InvalidArgumentError("extract needs --rank or --energy.")
+    if embeddings not in ("full", "lora", "skip") or norms not in ("full", "skip"):
+        raise InvalidArgumentError("--embeddings is full, lora or skip; --norms is full or skip.")
+    out = Path(out)
+    check_output(out, inputs=[Path(base), Path(tuned)], overwrite=overwrite)
+    b, t = open_checkpoint(base), open_checkpoint(tuned)
+    missing = sorted(set(b.tensors) ^ set(t.tensors))
+    if missing:
+        raise ShapeMismatchError(
+            f"BASE and TUNED hold different tensors: {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}.",
+            hint="extract needs the same architecture on both sides.",
+        )
+    result = AdapterResult(out=out)
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    names = list(b.tensors)
+    for n_done, name in enumerate(names, start=1):
+        if progress:
+            progress(n_done, len(names), name)
+        wb, wt = b.tensors[name], t.tensors[name]
+        if wb.shape != wt.shape:
+            raise ShapeMismatchError(f"{name}: BASE {wb.shape} vs TUNED {wt.shape}.", tensor=name)
+        W, T = b.get(name), t.get(name)
+        if W.dtype == T.dtype and torch.equal(W, T):
+            continue
+        if not T.is_floating_point():
+            result.skipped.append(f"{name} (non-float, changed)")
+            continue
+        D = T.float() - W.float()
+        if D.dim() == 1 or D.dim() == 0:
+            if norms == "full":
+                replacements[name] = T
+            else:
+                result.skipped.append(f"{name} (1-D)")
+            continue
+        emb = is_embedding(name)
+        if emb and embeddings != "lora":
+            if embeddings == "full":
+                replacements[name] = T
+            else:
+                result.skipped.append(f"{name} (embedding)")
+            continue
+        transposed = emb or is_conv1d_target(name, b.config)
+        kernel = tuple(D.shape[2:]) if D.dim() > 2 else ()
+        M = D.T if transposed else D.reshape(D.shape[0], -1)
+        f = algebra.factorize_dense(M, rank=rank, energy=energy)
+        kind = "embedding" if emb else ("conv" if kernel else "linear")
+        modules[name] = LoraModule(target=name, A=f.A.contiguous(), B=f.B.contiguous(), scale=1.0, alpha=float(f.rank),
+                                   kind=kind, transposed=transposed, shape=tuple(D.shape), kernel=kernel)
+        result.modules.append(ModuleReport(name, f.rank, f.relative_error))
+    # a module kept whole must be complete (PEFT's modules_to_save loads every parameter of it)
+    lora_modules = {n.removesuffix(".weight") for n in modules}
+    for name in list(replacements):
+        module = name.rpartition(".")[0]
+        if module in lora_modules:
+            continue
+        for sibling in t.tensors:
+            if sibling.rpartition(".")[0] == module and sibling not in replacements:
+                replacements[sibling] = t.get(sibling)
+    result.replacements = sorted(replacements)
+    if not modules and not replacements:
+        raise InvalidArgumentError("TUNED equals BASE in every tensor: there is nothing to extract.")
+    adapter = Adapter(modules=modules, replacements=replacements, meta={"format": to, "base_model": None})
+    _write(adapter, out, to=to, overwrite=overwrite)
+    return result
