@@ -300,11 +300,14 @@ to_option = click.option("--to", "to", type=click.Choice(["peft"]), default="pef
 @click.option("--density", type=float, default=None, help="Fraction of ΔW entries kept (ties, dare_*, magnitude_prune).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random pruning.")
 @to_option
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Read the written adapter back and check each module's ΔW in float64 (cat: against Σ wᵢΔWᵢ).")
 @click.option("--dry-run", is_flag=True, help="Compute and report; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank: int | None, energy: float | None,
-          density: float | None, seed: int, to: str, dry_run: bool, overwrite: bool, as_json: bool) -> None:
+          density: float | None, seed: int, to: str, verify: bool, dry_run: bool, overwrite: bool,
+          as_json: bool) -> None:
     """One adapter from several: ADAPTER... OUT.
 
     Everything is combined as ΔW — never A and B separately, which would add cross terms. svd
@@ -315,7 +318,7 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
 
     adapters, out = _split_out(paths, "stack")
     result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy, density=density,
-                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run)
+                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify)
     _report_modules(result, as_json, f"stack --method {method}")
 
 
@@ -363,6 +366,78 @@ def extract(base: Path, tuned: Path, out: Path, rank: int | None, energy: float 
     finally:
         close()
     _report_modules(result, as_json, "extract")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@weight_option
+@layout_option
+@click.option("--forward", is_flag=True,
+              help="Also run random inputs through every targeted layer, un-merged (x→A→B) and merged.")
+@click.option("--round-trip", "round_trip", is_flag=True,
+              help="BASE ADAPTER...: merge, unmerge and report how far BASE comes back (no MERGED argument).")
+@click.option("--all", "show_all", is_flag=True, help="List bit-identical tensors too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; only the summary line.")
+def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layout: str | None, forward: bool,
+           round_trip: bool, show_all: bool, as_json: bool, quiet: bool) -> None:
+    """Check that MERGED == round(BASE + Σ weightᵢ·ΔWᵢ): BASE ADAPTER... MERGED.
+
+    Changed tensors must lie within one ulp of the output dtype (plus the float32 error bound) of
+    the float64 reference, every other tensor must be bit-identical, and no tensor may be missing
+    or extra. Exits 0 when all hold, 1 when any does not, naming the failing tensors. Works on
+    merges made by any tool.
+    """
+    from .verify import round_trip as do_round_trip, verify_checkpoint
+
+    if round_trip:
+        rt = do_round_trip(base, list(paths), weights=list(weights) or None, layout=layout)
+        data = {
+            "tensors": rt.tensors, "elements": rt.elements, "bit_exact_fraction": rt.bit_exact / max(1, rt.elements),
+            "max_ulps": rt.max_ulps, "reversible_overhead_bytes": rt.reversible_overhead,
+            "reversible_bit_exact": rt.reversible_exact, "weights_bytes": rt.weights_bytes,
+        }
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            click.echo(f"merge → unmerge of {rt.tensors} changed tensor(s), {rt.elements:,} elements: "
+                       f"{100 * data['bit_exact_fraction']:.3f}% bit-exact, worst {rt.max_ulps:.2f} ulp.")
+            click.echo(f"with --reversible: {'bit-exact' if rt.reversible_exact else 'NOT bit-exact'}, undo data "
+                       f"{rt.reversible_overhead / 1e6:.3f} MB ({100 * rt.reversible_overhead / max(1, rt.weights_bytes):.2f}% "
+                       "of the weights).")
+        if not rt.reversible_exact:
+            raise _Failure("the reversible round trip did not restore BASE bit for bit.")
+        return
+    if len(paths) < 2:
+        raise click.UsageError("verify needs BASE, at least one ADAPTER, and MERGED (or --round-trip).")
+    *adapters, merged = paths
+    bar, close = _progress(quiet or as_json, "verifying")
+    try:
+        report = verify_checkpoint(base, adapters, merged, weights=list(weights) or None, layout=layout,
+                                   forward=forward, progress=bar)
+    finally:
+        close()
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "tensors": [
+            {"name": c.name, "dtype": c.dtype, "kind": c.kind, "status": c.status, "max_ulps": c.max_ulps,
+             "rel_err": c.rel_err, "mismatched": c.mismatched} for c in report.checks]}, indent=2))
+    else:
+        rows = [c for c in report.checks if show_all or c.kind != "identical" or not c.ok]
+        if rows and not quiet:
+            width = max(len(c.name) for c in rows)
+            click.echo(f"{'tensor':<{width}}  {'dtype':<5} {'check':<9} {'max ulp':>9} {'rel err':>10}  status")
+            for c in rows:
+                ulps = "-" if c.kind in ("identical", "restored", "missing", "extra", "shape", "dtype") else (
+                    f"{c.max_ulps:9.2f}")
+                rel = "-" if ulps == "-" else f"{c.rel_err:10.2e}"
+                click.echo(f"{c.name:<{width}}  {c.dtype:<5} {c.kind:<9} {ulps:>9} {rel:>10}  {c.status}")
+            if any(c.kind == "forward" for c in rows):
+                click.echo("(forward rows: max ulp column = largest error / its bound)")
+        click.echo(report.summary())
+    if not report.ok:
+        raise _Failure(f"{merged} does not verify: {len(report.failures)} tensor(s) fail: "
+                       + ", ".join(f"{c.name} ({c.kind})" for c in report.failures[:10]))
 
 
 scale_option = click.option(

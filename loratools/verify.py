@@ -13,6 +13,7 @@ operation did not change must be bit-identical to its source: their bytes are co
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
 from .dtypes import BY_ST
-from .adapter import delta
+from .adapter import LoraModule, delta
 from .ops.execute import apply_ops, row_blocks, slice_op
 from .ops.plan import Op, Plan, TensorPlan
 
@@ -75,14 +76,14 @@ class VerifyReport:
 
     def summary(self) -> str:
         changed = [c for c in self.checks if c.kind in ("changed", "restored")]
-        worst = max((c.max_ulps for c in changed), default=0.0)
-        state = "OK" if self.ok else f"FAILED ({len(self.failures)} tensor(s))"
-        return (
-            f"verify {state}: {len(changed)} changed tensor(s) within bounds (max {worst:.2f} ulp), "
-            f"{len(self.checks) - len(changed)} bit-identical."
-            if self.ok
-            else f"verify {state}: " + ", ".join(c.name for c in self.failures[:10])
-        )
+        identical = [c for c in self.checks if c.kind == "identical"]
+        forward = [c for c in self.checks if c.kind == "forward"]
+        worst = max((c.max_ulps for c in changed if c.kind == "changed"), default=0.0)
+        if not self.ok:
+            return f"verify FAILED ({len(self.failures)} tensor(s)): " + ", ".join(c.name for c in self.failures[:10])
+        fwd = f", {len(forward)} layer(s) agree in a forward pass" if forward else ""
+        return (f"verify OK: {len(changed)} changed tensor(s) within bounds (max {worst:.2f} ulp), "
+                f"{len(identical)} bit-identical{fwd}.")
 
 
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -170,6 +171,26 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
     )
 
 
+def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = False) -> TensorCheck:
+    """One output tensor against what ``plan`` says it must be."""
+    if tuple(info.shape) != tuple(t.source.shape):
+        return TensorCheck(t.name, info.dtype, "FAIL", "shape")
+    undo = plan.undo_in
+    if t.ops and plan.exact_undo and undo is not None and t.name in undo.patches:
+        # restored bit for bit: the original's sha256 recorded at merge time is the reference
+        from .ops.undo import tensor_sha256
+
+        ok = tensor_sha256(load_tensor(info)) == undo.sha256.get(t.name)
+        return TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "restored")
+    if t.ops:
+        return check_changed(plan, t, info, fp64=fp64)
+    if info.dtype == t.source.dtype and t.source.begin >= 0:
+        return TensorCheck(t.name, t.out_dtype, "ok" if same_bytes(t.source, info) else "FAIL", "identical")
+    # a cast without ops (--dtype): one rounding of the source value
+    src = plan.base.get(t.name).to(BY_ST[info.dtype].torch)
+    return TensorCheck(t.name, info.dtype, "ok" if torch.equal(load_tensor(info), src) else "FAIL", "identical")
+
+
 def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) -> VerifyReport:
     """Check files just written for ``plan`` (shard filename → path) tensor by tensor."""
     report = VerifyReport()
@@ -179,22 +200,165 @@ def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) ->
             info = header.tensors.get(t.name)
             if info is None:
                 report.checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
-                continue
-            undo = plan.undo_in
-            if t.ops and plan.exact_undo and undo is not None and t.name in undo.patches:
-                # restored bit for bit: the original's sha256 recorded at merge time is the reference
-                from .ops.undo import tensor_sha256
-
-                ok = tensor_sha256(load_tensor(info)) == undo.sha256.get(t.name)
-                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "restored"))
-            elif t.ops:
-                report.checks.append(check_changed(plan, t, info, fp64=fp64))
-            elif t.copy and t.source.begin >= 0:
-                ok = same_bytes(t.source, info)
-                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "identical",
-                                                 numel=0))
-            else:  # a cast without ops (--dtype): one rounding of the source value
-                src = plan.base.get(t.name).to(BY_ST[t.out_dtype].torch)
-                ok = torch.equal(load_tensor(info), src)
-                report.checks.append(TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "identical"))
+            else:
+                report.checks.append(check_tensor(plan, t, info, fp64=fp64))
     return report
+
+
+# --- loratools verify ----------------------------------------------------------------------------
+
+
+def _layer(W: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A linear layer's forward with its stored weight: nn.Linear (out, in) or GPT-2 Conv1D (in, out)."""
+    return x @ (W if transposed else W.T)
+
+
+def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weight: float, dtype: str,
+                  seed: int = 0, n: int = 16) -> TensorCheck:
+    """Random inputs through one targeted layer: the adapter applied un-merged, the way the layer
+    runs it (x → A → B, never through :func:`loratools.delta`), against the merged weight."""
+    g = torch.Generator().manual_seed(seed)
+    A, B = m.A.double(), m.B.double()
+    s = m.scale * weight
+    W64, M64 = W.double(), merged.double()
+    mant = _FLOAT_FACTS.get(BY_ST[dtype].torch, (52, 0))[0]
+    u = 2.0**-24
+    if m.kind == "embedding":
+        idx = torch.randint(0, W.shape[0], (n,), generator=g)
+        ref = W64[idx] + s * (A[:, idx].T @ B.T)
+        got = M64[idx]
+        bound = 2.0**-mant * got.abs() + (m.rank + 4) * u * (W64[idx].abs() + abs(s) * (A[:, idx].T.abs() @ B.T.abs()))
+        if m.magnitude is not None:  # DoRA on an embedding (PEFT): normed per embedding dimension, over the vocabulary
+            norm = torch.linalg.vector_norm(W64 + s * (A.T @ B.T), dim=0)
+            ref = ref * (m.magnitude.double() / norm)
+            bound = (4 * 2.0**-mant + (W.shape[0] + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+    elif m.kind == "conv":
+        k = m.kernel
+        pad = [d // 2 for d in k]
+        conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[len(k)]
+        x = torch.randn(2, W.shape[1], *[d + 4 for d in k], generator=g, dtype=torch.float64)
+        down = A.reshape(m.rank, W.shape[1], *k)
+        up = B.reshape(m.fan_out, m.rank, *([1] * len(k)))
+        ref = conv(x, W64, padding=pad) + s * conv(conv(x, down, padding=pad), up)
+        got = conv(x, M64, padding=pad)
+        mag = conv(x.abs(), M64.abs(), padding=pad)
+        bound = 2.0**-mant * mag + (m.rank + 4 + W[0].numel()) * u * (
+            conv(x.abs(), W64.abs(), padding=pad) + abs(s) * conv(conv(x.abs(), down.abs(), padding=pad), up.abs()))
+        if m.magnitude is not None:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
+            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, m.rank), down)
+            norm = torch.linalg.vector_norm(effective.reshape(m.fan_out, -1), dim=1)
+            ref = ref * (m.magnitude.double() / norm).reshape(1, -1, *([1] * len(k)))
+            bound = (4 * 2.0**-mant + (W[0].numel() + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+    else:
+        t = bool(m.transposed)
+        x = torch.randn(n, m.fan_in, generator=g, dtype=torch.float64)
+        lora = s * ((x @ A.T) @ B.T)
+        ref = _layer(W64, x, t) + lora
+        got = _layer(M64, x, t)
+        if m.magnitude is not None:  # DoRA (PEFT): m / ‖W + ΔW‖ per output, ΔW read off the layer itself
+            eye = torch.eye(m.fan_in, dtype=torch.float64)
+            effective = (_layer(W64, eye, t) + s * ((eye @ A.T) @ B.T)).T  # (out, in)
+            ref = ref * (m.magnitude.double() / torch.linalg.vector_norm(effective, dim=1))
+            bound = (4 * 2.0**-mant + (m.fan_in + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+        else:
+            bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (m.rank + 4) * u * (
+                x.abs() @ (W64.abs() if t else W64.abs().T) + abs(s) * ((x.abs() @ A.abs().T) @ B.abs().T))
+    err = (got - ref).abs()
+    bad = int((err > bound * 1.0001).sum())
+    return TensorCheck(m.target, dtype, "ok" if bad == 0 else "FAIL", "forward",
+                       max_ulps=float((err / bound.clamp_min(1e-300)).max()),
+                       rel_err=float(err.max()) / (float(ref.abs().max()) or 1.0), mismatched=bad, numel=err.numel())
+
+
+def verify_checkpoint(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    merged: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    layout: str | None = None,
+    forward: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> VerifyReport:
+    """MERGED == round(BASE + Σ wᵢ·ΔWᵢ) tensor by tensor; every other tensor bit-identical; no
+    tensor missing or extra. With ``forward`` also :func:`forward_check` on every LoRA module."""
+    from .checkpoint.reader import open_checkpoint
+    from .ops.merge import _weights, load_inputs
+    from .ops.plan import build_plan, collect_ops
+
+    ws = [w if w is not None else 1.0 for w in _weights(adapters, weights)]
+    ckpt, inputs = load_inputs(base, [(adapters, ws, 1.0)], layout=layout)
+    out = open_checkpoint(merged)
+    plan = build_plan("verify", ckpt, inputs, collect_ops(inputs))
+    report = VerifyReport()
+    names = plan.tensors()
+    for i, t in enumerate(names, start=1):
+        info = out.tensors.get(t.name)
+        if info is None:
+            report.checks.append(TensorCheck(t.name, t.source.dtype, "FAIL", "missing"))
+            continue
+        if BY_ST[info.dtype].floating and BY_ST[t.source.dtype].floating:
+            t.out_dtype = info.dtype  # MERGED may have been written with --dtype
+        elif info.dtype != t.source.dtype:
+            report.checks.append(TensorCheck(t.name, info.dtype, "FAIL", "dtype"))
+            continue
+        report.checks.append(check_tensor(plan, t, info))
+        if progress:
+            progress(i, len(names), t.name)
+    for name in sorted(set(out.tensors) - set(ckpt.tensors)):
+        report.checks.append(TensorCheck(name, out.tensors[name].dtype, "FAIL", "extra"))
+    if forward:
+        for ai in inputs:
+            for target, m in ai.adapter.modules.items():
+                if target in out.tensors and tuple(out.tensors[target].shape) == tuple(ckpt.tensors[target].shape):
+                    report.checks.append(forward_check(m, ckpt.get(target), out.get(target), weight=ai.weight,
+                                                       dtype=out.tensors[target].dtype, seed=len(report.checks)))
+    return report
+
+
+@dataclass
+class RoundTrip:
+    tensors: int
+    elements: int
+    bit_exact: int
+    max_ulps: float
+    reversible_overhead: int
+    reversible_exact: bool
+    weights_bytes: int
+
+
+def round_trip(base: str | Path, adapters: Sequence[str | Path], *, weights: Sequence[float] | None = None,
+               layout: str | None = None, device: str = "auto", workdir: str | Path | None = None) -> RoundTrip:
+    """merge, unmerge, and report how far BASE came back (ulps, fraction of bit-exact elements);
+    then the same with ``--reversible``, which must come back bit for bit, and its size overhead."""
+    import shutil
+    import tempfile
+
+    from .checkpoint.reader import open_checkpoint
+    from .ops.merge import merge, unmerge
+
+    tmp = Path(tempfile.mkdtemp(prefix="loratools-roundtrip-", dir=workdir))
+    try:
+        name = "m.safetensors" if Path(base).suffix == ".safetensors" else "m"
+        back_name = "b.safetensors" if name.endswith(".safetensors") else "b"
+        opts = dict(layout=layout, device=device, verify=False)
+        merged = merge(base, adapters, tmp / name, weights=weights, reversible=True, **opts)  # type: ignore[arg-type]
+        unmerge(tmp / name, adapters, tmp / back_name, exact=False, **opts)  # type: ignore[arg-type]
+        orig, back = open_checkpoint(base), open_checkpoint(tmp / back_name)
+        changed = set(merged.changed)
+        exact = elements = 0
+        worst = 0.0
+        for n in changed:
+            a, b = orig.get(n), back.get(n)
+            elements += a.numel()
+            exact += int((a == b).sum())
+            if a.dtype in _FLOAT_FACTS:
+                worst = max(worst, float(((a.double() - b.double()).abs() / ulp(a.float(), a.dtype)).max()))
+        shutil.rmtree(tmp / back_name) if (tmp / back_name).is_dir() else (tmp / back_name).unlink()
+        unmerge(tmp / name, adapters, tmp / back_name, exact=True, **opts)  # type: ignore[arg-type]
+        back = open_checkpoint(tmp / back_name)
+        bit_exact = all(torch.equal(orig.get(n).reshape(-1).view(torch.uint8), back.get(n).reshape(-1).view(torch.uint8))
+                        for n in changed)
+        return RoundTrip(len(changed), elements, exact, worst, merged.undo_bytes, bit_exact, merged.bytes_written)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

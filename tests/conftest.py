@@ -64,6 +64,7 @@ ADAPTERS: dict[str, tuple[str, dict]] = {
     "dora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True)),
     "dora-gpt2": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True,
                                fan_in_fan_out=True)),
+    "dora-embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"], use_dora=True)),
     "modules-to-save": ("llama", dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"])),
     "conv": ("conv", dict(r=3, lora_alpha=6, target_modules=["conv_in", "proj", "head"], lora_bias=True)),
     "conv-dora": ("conv", dict(r=3, lora_alpha=6, target_modules=["conv_in", "proj"], use_dora=True)),

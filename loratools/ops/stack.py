@@ -17,7 +17,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..checkpoint.reader import open_checkpoint
 from ..checkpoint.writer import AtomicOutput, check_output
-from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError
+from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError, VerificationError
 from ..formats import FORMATS, read_adapter
 from ..layout import is_conv1d_target
 from . import algebra
@@ -43,13 +43,28 @@ class AdapterResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _write(adapter: Adapter, out: Path, *, to: str, overwrite: bool) -> None:
+def _write(adapter: Adapter, out: Path, *, to: str, overwrite: bool, verify: bool = True,
+           expected: dict[str, torch.Tensor] | None = None, rtol: float = 1e-6) -> None:
+    """Write atomically; with ``verify`` read the result back and compare every module's ΔW in
+    float64 with ``expected`` (the exact combination) or else with the adapter that was written."""
     if to not in FORMATS or not hasattr(FORMATS[to], "write"):
         writable = [n for n, f in FORMATS.items() if hasattr(f, "write")]
         raise InvalidArgumentError(f"Cannot write format {to!r}.", hint=f"Writable formats: {', '.join(writable)}.")
     atomic = AtomicOutput(out, overwrite=overwrite)
     with atomic as tmp:
         FORMATS[to].write(adapter, tmp)
+        if verify:
+            back = FORMATS[to].read(tmp)
+            for target, m in adapter.modules.items():
+                got = back.modules.get(target)
+                want = expected[target] if expected is not None else _matrix(m)
+                err = float("inf") if got is None else float((_matrix(got) - want).abs().max())
+                if err > rtol * (float(want.abs().max()) or 1.0):
+                    raise VerificationError(
+                        f"The written adapter's module {target} does not hold the ΔW it should (max error {err:.2e}); "
+                        "nothing was written.",
+                        tensor=target,
+                    )
         atomic.commit()
 
 
@@ -76,6 +91,7 @@ def stack(
     to: str = "peft",
     overwrite: bool = False,
     dry_run: bool = False,
+    verify: bool = True,
 ) -> AdapterResult:
     """One adapter from several: ``cat`` (exact), ``svd``/``linear`` (best rank-R of Σ wᵢΔWᵢ),
     ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (on ΔW, then rank R)."""
@@ -134,6 +150,7 @@ def stack(
                 )
             replacements[name] = t
     modules: dict[str, LoraModule] = {}
+    exact: dict[str, torch.Tensor] = {}
     for target, parts in sorted(targets.items()):
         first = parts[0][0]
         for m, _ in parts[1:]:
@@ -148,6 +165,7 @@ def stack(
         B_cat, A_cat = algebra.concat([(m.B.double(), m.A.double(), w * m.scale) for m, w in parts])
         if method == "cat":
             f = algebra.Factors(B_cat, A_cat)
+            exact[target] = B_cat @ A_cat  # cat is checked against Σ wᵢ·ΔWᵢ itself
             note = ""
         elif method in ("svd", "linear"):
             f = algebra.factorize_lowrank(B_cat, A_cat, rank=rank or total_rank, energy=energy)
@@ -179,7 +197,7 @@ def stack(
                       meta={"format": to, "base_model": next((a.meta.get("base_model") for a in read), None),
                             "config": read[0].meta.get("config", {}), "base_copies": sorted(base_copies)})
     if not dry_run:
-        _write(adapter, out, to=to, overwrite=overwrite)
+        _write(adapter, out, to=to, overwrite=overwrite, verify=verify, expected=exact if method == "cat" else None)
     return result
 
 

@@ -1,0 +1,179 @@
+"""loratools verify: tampering is caught and named, PEFT's own merges verify clean, an orientation
+bug that a self-consistent check repeats is caught by --forward, round trips are reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import loratools
+from loratools.cli import cli
+from loratools.verify import verify_checkpoint
+from tests import models
+
+
+def run(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.output + (r.stderr if r.stderr_bytes is not None else "")
+
+
+@pytest.fixture(params=["llama", "llama-bf16"])
+def merged(request, bases, adapters, tmp_path: Path) -> tuple[Path, Path, Path]:
+    base = bases[request.param]
+    loratools.merge(base, [adapters["all-linear"]], tmp_path / "m", device="cpu")
+    return base, adapters["all-linear"], tmp_path / "m"
+
+
+def _rewrite(folder: Path, change) -> None:  # noqa: ANN001
+    for shard in folder.glob("model*.safetensors"):
+        sd = load_file(str(shard))
+        change(sd)
+        save_file(sd, str(shard), metadata={"format": "pt"})
+
+
+def test_clean_merge_verifies(merged) -> None:
+    base, adapter, out = merged
+    code, text = run("verify", base, adapter, out, "--forward")
+    assert code == 0, text
+    assert "verify OK" in text and "14 layer(s) agree" in text
+
+
+def test_one_tampered_element_is_caught_and_named(merged) -> None:
+    base, adapter, out = merged
+    name = "model.layers.1.self_attn.k_proj.weight"
+
+    def tamper(sd):  # noqa: ANN001
+        if name in sd:
+            t = sd[name].clone()
+            t.view(-1)[17] = torch.nextafter(t.view(-1)[17].float(), torch.tensor(10.0)).to(t.dtype) * 1.02
+            sd[name] = t
+
+    _rewrite(out, tamper)
+    code, text = run("verify", base, adapter, out)
+    assert code == 1 and "Traceback" not in text
+    assert name in text.splitlines()[-1] and "FAIL" in text
+
+
+def test_an_untouched_tensor_changed_by_one_bit_is_caught(merged) -> None:
+    base, adapter, out = merged
+
+    def flip(sd):  # noqa: ANN001
+        if "model.norm.weight" in sd:
+            t = sd["model.norm.weight"].clone()
+            t.view(torch.int16 if t.element_size() == 2 else torch.int32)[0] ^= 1
+            sd["model.norm.weight"] = t
+
+    _rewrite(out, flip)
+    report = verify_checkpoint(base, [adapter], out)
+    assert [c.name for c in report.failures] == ["model.norm.weight"]
+
+
+def test_missing_and_extra_tensors_fail(merged) -> None:
+    base, adapter, out = merged
+
+    def drop_and_add(sd):  # noqa: ANN001
+        if "lm_head.weight" in sd:
+            sd.pop("lm_head.weight")
+            sd["surprise"] = torch.zeros(2)
+
+    _rewrite(out, drop_and_add)
+    index = json.loads((out / "model.safetensors.index.json").read_text()) if (
+        out / "model.safetensors.index.json").exists() else None
+    if index:
+        index["weight_map"]["surprise"] = index["weight_map"].pop("lm_head.weight")
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    kinds = {c.name: c.kind for c in verify_checkpoint(base, [adapter], out).failures}
+    assert kinds == {"lm_head.weight": "missing", "surprise": "extra"}
+
+
+def test_a_merge_made_by_peft_verifies_clean(bases, adapters, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    for name in ("all-linear", "dora", "embedding"):
+        pm = PeftModel.from_pretrained(models.load_base(bases["llama"]), str(adapters[name]))
+        pm.merge_and_unload().save_pretrained(tmp_path / name)
+        code, text = run("verify", bases["llama"], adapters[name], tmp_path / name, "--forward")
+        assert code == 0, f"{name}: {text}"
+
+
+def test_transposed_delta_passes_a_self_check_but_not_forward(bases, adapters, tmp_path: Path, monkeypatch) -> None:
+    """Simulate an orientation bug in the one ΔW function: merge and its own verification agree with
+    each other (both use it); --forward, which runs x → A → B through the layer, does not."""
+    from loratools import adapter as adapter_module
+    from loratools import verify as verify_module
+    from loratools.ops import execute as execute_module
+
+    real = adapter_module.delta
+
+    def transposed_on_square(m, **kw):  # noqa: ANN001, ANN003
+        d = real(m, **kw)
+        return d.T.contiguous() if d.dim() == 2 and d.shape[0] == d.shape[1] else d
+
+    for module in (execute_module, verify_module):
+        monkeypatch.setattr(module, "delta", transposed_on_square)
+    out = tmp_path / "m"
+    result = loratools.merge(bases["llama"], [adapters["all-linear"]], out, device="cpu")
+    assert result.verify.ok  # the naive self-check repeats the mistake
+    assert verify_checkpoint(bases["llama"], [adapters["all-linear"]], out).ok
+    report = verify_checkpoint(bases["llama"], [adapters["all-linear"]], out, forward=True)
+    failed = sorted(c.name for c in report.failures)
+    assert failed == sorted(f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "o_proj"))
+    assert all(c.kind == "forward" for c in report.failures)
+
+
+def test_forward_covers_conv_embedding_gpt2_and_dora(bases, adapters, tmp_path: Path) -> None:
+    for name in ("conv", "conv-dora", "embedding", "lora-bias", "gpt2-no-fifo", "dora", "dora-gpt2", "dora-embedding"):
+        base = bases[{"conv": "conv", "conv-dora": "conv", "lora-bias": "gpt2", "gpt2-no-fifo": "gpt2",
+                      "dora-gpt2": "gpt2"}.get(name, "llama")]
+        out = tmp_path / (f"{name}.safetensors" if base.suffix else name)
+        loratools.merge(base, [adapters[name]], out, device="cpu")
+        report = verify_checkpoint(base, [adapters[name]], out, forward=True)
+        assert report.ok, f"{name}: {report.summary()}"
+        assert any(c.kind == "forward" for c in report.checks)
+
+
+def test_weights_are_part_of_what_is_verified(bases, adapters, tmp_path: Path) -> None:
+    a, b = adapters["all-linear"], adapters["second"]
+    loratools.merge(bases["llama"], [a, b], tmp_path / "m", weights=[1.0, 0.5], device="cpu")
+    assert run("verify", bases["llama"], a, b, tmp_path / "m", "--weight", "1", "--weight", "0.5")[0] == 0
+    code, text = run("verify", bases["llama"], a, b, tmp_path / "m")
+    assert code == 1 and "q_proj" in text
+
+
+def test_round_trip_report(bases, adapters) -> None:
+    code, text = run("verify", bases["llama-bf16"], adapters["all-linear"], "--round-trip", "--json")
+    assert code == 0, text
+    data = json.loads(text)
+    assert data["tensors"] == 14 and data["reversible_bit_exact"] is True
+    assert 0 < data["bit_exact_fraction"] < 1 and data["max_ulps"] >= 1
+    assert 0 < data["reversible_overhead_bytes"]
+
+
+def test_stack_and_convert_verify_their_outputs(adapters, tmp_path: Path, monkeypatch) -> None:
+    from loratools.formats import peft as peft_format
+
+    real = peft_format.write
+
+    def lossy(adapter, out, **kw):  # noqa: ANN001, ANN003
+        paths = real(adapter, out, **kw)
+        f = out / "adapter_model.safetensors"
+        sd = load_file(str(f))
+        key = next(k for k in sorted(sd) if "lora_B" in k)
+        sd[key] = sd[key] * 1.001
+        save_file(sd, str(f))
+        return paths
+
+    monkeypatch.setattr(peft_format, "write", lossy)
+    with pytest.raises(loratools.VerificationError):
+        loratools.stack([adapters["all-linear"], adapters["second"]], tmp_path / "s", method="cat")
+    with pytest.raises(loratools.VerificationError):
+        loratools.convert(adapters["all-linear"], tmp_path / "c", to="peft")
+    assert list(tmp_path.iterdir()) == []
