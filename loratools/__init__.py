@@ -31,6 +31,7 @@ def load_adapter(
     base: str | Path | None = None,
     layout: str | None = None,
     scale: float | None = None,
+    allow_skip: bool = False,
 ) -> Adapter:
     """Read an adapter into its canonical form.
 
@@ -38,10 +39,12 @@ def load_adapter(
     is bound: every module's target tensor, shape and orientation are settled. ``layout`` declares
     the orientation of raw factor pairs; ``scale`` is the multiplier a raw file's code applied.
     """
+    from .checkpoint.reader import open_checkpoint
     from .formats import read_adapter
     from .ops.convert import prepare
 
-    adapter = read_adapter(path, format=format)
+    adapter = read_adapter(path, format=format, allow_skip=allow_skip,
+                           base_config=open_checkpoint(base).config if base is not None else None)
     if base is None and layout is None and adapter.format == "raw" and not adapter.meta.get("base_keys"):
         if scale is not None:
             adapter.modules = {n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()}

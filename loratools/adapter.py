@@ -48,6 +48,7 @@ class LoraModule:
     bias: torch.Tensor | None = None  # PEFT lora_B.bias, (fan_out,), unscaled
     bias_target: str | None = None
     source_keys: tuple[str, ...] = ()
+    dora_per_input: bool = False  # old LyCORIS dora_scale (1, in): the norm is taken per input column
 
     @property
     def rank(self) -> int:
@@ -69,8 +70,13 @@ class LoraModule:
 
     @property
     def out_axis(self) -> int:
-        """The axis of the stored tensor that indexes outputs (DoRA normalises per output)."""
+        """The axis of the stored tensor that indexes outputs."""
         return 1 if self.transposed else 0
+
+    @property
+    def dora_axis(self) -> int:
+        """The axis DoRA's magnitude runs along: outputs (PEFT, new LyCORIS), or inputs (old LyCORIS)."""
+        return 1 - self.out_axis if self.dora_per_input else self.out_axis
 
     def with_(self, **changes: Any) -> "LoraModule":
         return replace(self, **changes)

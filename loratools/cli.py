@@ -96,6 +96,15 @@ layout_option = click.option(
 )
 
 
+FORMAT_NAMES = ["peft", "kohya", "diffusers", "mlx", "gguf", "raw"]
+from_option = click.option("--from", "from_format", type=click.Choice(FORMAT_NAMES), default=None,
+                           help="The adapters' format, when detection by content should be overridden.")
+allow_skip_option = click.option(
+    "--allow-skip", is_flag=True,
+    help="Apply what can be applied when an adapter holds keys loratools cannot (LoHa, LoKr, lora_mid…); "
+    "the output says what was skipped. Without it such adapters are refused.")
+
+
 def checkpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options merge, unmerge and swap share."""
     for option in reversed([
@@ -114,6 +123,8 @@ def checkpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+        from_option,
+        allow_skip_option,
     ]):
         f = option(f)
     return f
@@ -449,7 +460,8 @@ scale_option = click.option(
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["peft"]), required=True, help="Format to write.")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "mlx", "gguf"]), required=True,
+              help="Format to write (gguf needs --base and the gguf package).")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Base checkpoint to bind to (needed for raw factors whose orientation shapes cannot tell).")
 @layout_option
@@ -458,8 +470,15 @@ scale_option = click.option(
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Read the written adapter back and compare every module's ΔW with the input's (float64).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--for", "server", type=click.Choice(["vllm", "tgi"]), default=None,
+              help="With --to peft: shape the adapter for this server (one r and alpha, scales folded into B, zero "
+              "padding; no full tensors, DoRA or lora_bias) and say what changed.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="With --for: the server's max_lora_rank.")
+@from_option
+@allow_skip_option
 def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | None, scale: float | None,
-            dtype: str | None, verify: bool, overwrite: bool) -> None:
+            dtype: str | None, verify: bool, overwrite: bool, server: str | None, max_rank: int | None,
+            from_format: str | None, allow_skip: bool) -> None:
     """Rewrite an adapter in another format, keeping every module's ΔW.
 
     \b
@@ -470,7 +489,8 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
     from .ops.convert import convert as do_convert
 
     result = do_convert(adapter, out, to=to, base=base, layout=layout, dtype=dtype, scale=scale,
-                        overwrite=overwrite, verify=verify)
+                        overwrite=overwrite, verify=verify, server=server, max_rank=max_rank,
+                        from_format=from_format, allow_skip=allow_skip)
     _warn(result.warnings)
     check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
     click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
@@ -482,14 +502,17 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
               help="Bind to this base: show which tensor each module changes, and what does not bind.")
 @layout_option
 @scale_option
+@from_option
+@allow_skip_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(adapter: Path, base: Path | None, layout: str | None, scale: float | None, as_json: bool) -> None:
+def info(adapter: Path, base: Path | None, layout: str | None, scale: float | None, from_format: str | None,
+         allow_skip: bool, as_json: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
     from . import load_adapter
     from .adapter import delta
 
-    a = load_adapter(adapter, base=base, layout=layout, scale=scale)
+    a = load_adapter(adapter, base=base, layout=layout, scale=scale, format=from_format, allow_skip=allow_skip)
     rows = []
     for target, m in sorted(a.modules.items()):
         dw = delta(m, dtype=torch.float64)

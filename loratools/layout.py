@@ -73,6 +73,55 @@ def is_conv1d_target(name: str, base_config: Mapping[str, Any] | None) -> bool:
     return model_type in CONV1D_ARCHS and module in CONV1D_MODULES
 
 
+# where each diffusers component's tensors live in the checkpoints kohya files are applied to
+COMPONENT_PREFIXES = {
+    "unet": ("unet.", "model.diffusion_model."),
+    "text_encoder": ("text_encoder.", "cond_stage_model.", "conditioner.embedders.0.", "te1.", "te."),
+    "text_encoder_2": ("text_encoder_2.", "conditioner.embedders.1.", "te2."),
+    "text_encoder_3": ("text_encoder_3.", "te3."),
+    "transformer": ("transformer.", "model.diffusion_model."),
+}
+
+
+def flat_index(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """Every base weight by its name flattened the kohya way ('.' → '_', without '.weight')."""
+    index: dict[str, list[str]] = {}
+    for n in shapes:
+        if n.endswith(".weight"):
+            index.setdefault(n.removesuffix(".weight").replace(".", "_"), []).append(n)
+    return index
+
+
+def resolve_flat(target: str, index: dict[str, list[str]]) -> str | None:
+    """The base weight a flattened kohya name denotes: the flattened base name equal to it, or
+    ending in '_' + it (a checkpoint with a component prefix); among several, the one in the
+    module's component. Never a guess: more than one candidate raises."""
+    component, _, flat = target.rpartition(":")
+    hits = list(index.get(flat, []))
+    if not hits:
+        hits = [n for f, names in index.items() if f.endswith("_" + flat) for n in names]
+    if len(hits) > 1 and component:
+        inside = [n for n in hits if n.startswith(COMPONENT_PREFIXES.get(component, ()))]
+        hits = inside or hits
+    if len(hits) > 1:
+        raise LayoutAmbiguousError(
+            f"The kohya name {flat} fits several base tensors: {', '.join(sorted(hits)[:4])}.",
+            tensor=target,
+            hint="Pass the component's own checkpoint (the UNet, or one text encoder) as BASE.",
+        )
+    return hits[0] if hits else None
+
+
+def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
+    """1×1 conv factors on a Linear target (SD1 proj_in/out vs SD2/SDXL), and Linear factors on a
+    1×1 conv target: the same matrix, so the module takes the target's form."""
+    if m.kind == "conv" and len(shape) == 2 and all(k == 1 for k in m.kernel):
+        return m.with_(kind="linear", kernel=())
+    if m.kind == "linear" and len(shape) > 2 and all(k == 1 for k in shape[2:]) and not m.transposed:
+        return m.with_(kind="conv", kernel=tuple(shape[2:]), transposed=False)
+    return m
+
+
 def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None) -> bool | None:
     """True/False when the module fits ``shape`` in one orientation; None when both fit (square)."""
     if m.kind == "conv":
@@ -149,14 +198,16 @@ def bind(
     undecided: list[tuple[LoraModule, str, tuple[int, ...]]] = []
     votes: set[bool] = set()
     layout_default = {"out-r-in": False, "linear-ab": False, "in-r-out": True}.get(layout or "")
+    flat = flat_index(shapes) if adapter.meta.get("flat_names") else None
     for m in adapter.modules.values():
-        name = resolve_name(m.target, shapes)
+        name = resolve_name(m.target, shapes) if flat is None else resolve_flat(m.target, flat)
         if name is None and adapter.meta.get("sibling_binding"):
             name = sibling_target(m, shapes)
         if name is None:
             missing.append(m.target)
             continue
         shape = tuple(shapes[name])
+        m = _as_kind_of(m, shape)
         if m.transposed is None and is_conv1d_target(name, base_config):
             default: bool | None = True
         elif m.transposed is None and adapter.format == "peft":
@@ -180,9 +231,11 @@ def bind(
                     f"{tuple(shapes[bias_target])}.",
                     tensor=bias_target,
                 )
-        if m.magnitude is not None and m.magnitude.numel() != m.fan_out:
+        along = m.fan_in if m.dora_per_input else m.fan_out
+        if m.magnitude is not None and m.magnitude.numel() != along:
             raise ShapeMismatchError(
-                f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {m.fan_out} outputs.",
+                f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {along} "
+                f"{'inputs' if m.dora_per_input else 'outputs'}.",
                 tensor=m.target,
             )
         bound = replace(m, target=name, shape=shape, transposed=t, bias_target=bias_target)
@@ -192,6 +245,20 @@ def bind(
             if m.transposed is None and shape[0] != (shape[1] if len(shape) > 1 else None):
                 votes.add(t)
             modules[name] = bound
+    warnings = list(adapter.warnings)
+    if missing and flat is not None:
+        # a kohya file for a whole pipeline applied to one component's checkpoint: the components with no
+        # tensor here at all belong elsewhere; a component that binds in part is an error
+        def comp(t: str) -> str:
+            return t.rpartition(":")[0] or "unet"
+
+        bound_components = {comp(m.target) for m in adapter.modules.values() if m.target not in missing}
+        elsewhere = [t for t in missing if comp(t) not in bound_components]
+        if bound_components and elsewhere:
+            by = sorted({comp(t) for t in elsewhere})
+            warnings.append(f"{len(elsewhere)} module(s) of {', '.join(by)} are not in this checkpoint and were left "
+                            "out; apply the adapter to that component's checkpoint too")
+            missing = [t for t in missing if t not in elsewhere]
     if missing:
         raise UnboundModuleError(
             f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
@@ -243,5 +310,6 @@ def bind(
             tensor=missing[0],
             hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
         )
-    return replace(adapter, modules=modules, replacements=replacements,
-                   meta={**adapter.meta, "base_copies": copies} if "base_copies" in adapter.meta else adapter.meta)
+    meta = {**adapter.meta, "base_copies": copies} if "base_copies" in adapter.meta else dict(adapter.meta)
+    meta["flat_names"] = False  # bound: targets are base names now
+    return replace(adapter, modules=modules, replacements=replacements, meta=meta, warnings=warnings)

@@ -116,7 +116,7 @@ def error_bound(t_ops: list[Op], W: torch.Tensor, ref: torch.Tensor) -> torch.Te
         elif op.kind == "dora_undo" and op.module is not None and op.tensor is not None:
             m = op.module
             view = [1] * mag.dim()
-            view[m.out_axis] = -1
+            view[m.dora_axis] = -1
             mag = mag * (op.tensor.float() / m.magnitude.float()).abs().reshape(view)
             r_total += m.rank + 2
             mag += delta(m.with_(A=m.A.float().abs(), B=m.B.float().abs(), scale=abs(m.scale)))
@@ -255,10 +255,13 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
         lora = s * ((x @ A.T) @ B.T)
         ref = _layer(W64, x, t) + lora
         got = _layer(M64, x, t)
-        if m.magnitude is not None:  # DoRA (PEFT): m / ‖W + ΔW‖ per output, ΔW read off the layer itself
+        if m.magnitude is not None:  # DoRA: m / ‖W + ΔW‖, with W + ΔW read off the layer itself
             eye = torch.eye(m.fan_in, dtype=torch.float64)
             effective = (_layer(W64, eye, t) + s * ((eye @ A.T) @ B.T)).T  # (out, in)
-            ref = ref * (m.magnitude.double() / torch.linalg.vector_norm(effective, dim=1))
+            per_input = m.dora_per_input  # old LyCORIS: per input column, else per output row
+            norm = torch.linalg.vector_norm(effective, dim=0 if per_input else 1, keepdim=True)
+            factor = m.magnitude.double().reshape(norm.shape) / norm
+            ref = x @ (effective * factor).T
             bound = (4 * 2.0**-mant + (m.fan_in + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
         else:
             bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (m.rank + 4) * u * (

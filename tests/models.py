@@ -151,3 +151,37 @@ def peft_merged_state_dict(base: Path, adapters: list[Path], weights: list[float
     pm.base_model.set_adapter(names)
     merged = pm.merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def save_tiny_unet(path: Path, *, seed: int = 0) -> Path:
+    """A tiny SD1-style UNet saved by diffusers (1×1 conv proj_in/proj_out, attention, resnets)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=False,
+    )
+    unet.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_clip(path: Path, *, seed: int = 0) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16)
+    CLIPTextModel(cfg).save_pretrained(path)
+    return Path(path)
+
+
+def make_peft_adapter_on(model: nn.Module, out: Path, lora: dict[str, Any], *, seed: int = 1) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(**{"init_lora_weights": False, **lora}))
+    perturb_adapter(peft_model, seed)
+    peft_model.save_pretrained(out)
+    return Path(out)

@@ -192,7 +192,7 @@ def check_mergeable(cfg: dict[str, Any], config_path: Path) -> list[str]:
     return []
 
 
-def read(path: Path) -> Adapter:
+def read(path: Path, **_: object) -> Adapter:
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
     warnings = check_mergeable(cfg, config_path)
@@ -324,7 +324,7 @@ def read(path: Path) -> Adapter:
     )
 
 
-def write(adapter: Adapter, out: Path, *, base_model: str | None = None) -> list[Path]:
+def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: object) -> list[Path]:
     """Write ``adapter`` as a PEFT folder (config + safetensors) into the existing folder ``out``.
 
     Per-module scales are kept exactly: when modules differ in scale, the most common (r, alpha) is

@@ -97,7 +97,7 @@ def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Ten
     )
 
 
-def read(path: Path, *, scale: float = 1.0) -> Adapter:
+def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
     if not path.is_file():
         raise AdapterNotFoundError(f"Adapter not found: {path}.", path=path)
     sd = read_state_dict(path)

@@ -60,7 +60,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 def _out_view(m: LoraModule, ndim: int) -> list[int]:
     view = [1] * ndim
-    view[m.out_axis] = -1
+    view[m.dora_axis] = -1
     return view
 
 
@@ -71,7 +71,7 @@ def dora_apply(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.dev
     m = op.module
     assert m is not None and m.magnitude is not None
     V = W + delta(m, dtype=dtype, device=device, weight=abs(op.weight))
-    dims = tuple(d for d in range(V.dim()) if d != m.out_axis)
+    dims = tuple(d for d in range(V.dim()) if d != m.dora_axis)
     norm = torch.linalg.vector_norm(V, dim=dims, keepdim=True)
     if norms is not None:
         norms.append(norm.reshape(-1).float().cpu())
@@ -138,7 +138,7 @@ def slice_op(op: Op, i: int, j: int) -> Op:
         return replace(op, tensor=op.tensor[i:j])
     m = op.module
     assert m is not None
-    if op.kind == "dora_undo" and not m.transposed:
+    if op.kind == "dora_undo" and m.dora_axis == 0:
         assert op.tensor is not None
         op = replace(op, tensor=op.tensor[i:j])
     assert m is not None
@@ -149,14 +149,14 @@ def slice_op(op: Op, i: int, j: int) -> Op:
     new_shape = (j - i, *shape[1:])
     if m.transposed:  # stored (in, out): rows are inputs, columns of A
         return replace(op, module=m.with_(A=m.A[:, i:j], shape=new_shape))
-    mag = m.magnitude[i:j] if m.magnitude is not None else None
+    mag = m.magnitude[i:j] if m.magnitude is not None and m.dora_axis == 0 else m.magnitude
     return replace(op, module=m.with_(B=m.B[i:j], magnitude=mag, shape=new_shape))
 
 
 def row_blocks(t: TensorPlan, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
     """Row ranges to process a tensor in; one block when its ops need whole columns (transposed DoRA)."""
     shape = t.source.shape
-    if not shape or any(op.kind in ("dora", "dora_undo") and op.module is not None and op.module.transposed
+    if not shape or any(op.kind in ("dora", "dora_undo") and op.module is not None and op.module.dora_axis != 0
                         for op in t.ops):
         return [(0, shape[0] if shape else 1)]
     per_row = max(1, math.prod(shape[1:]))

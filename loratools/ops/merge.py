@@ -37,6 +37,8 @@ def load_inputs(
     groups: Sequence[tuple[Sequence[str | Path | Adapter], Sequence[float | None], float]],
     *,
     layout: str | None,
+    from_format: str | None = None,
+    allow_skip: bool = False,
 ) -> tuple[Checkpoint, list[AdapterInput]]:
     """Open the base, read every adapter and bind it to the base.
 
@@ -46,7 +48,8 @@ def load_inputs(
     if not any(g[0] for g in groups):
         raise InvalidArgumentError("At least one adapter is needed.")
     ckpt = open_checkpoint(base)
-    read = [[a if isinstance(a, Adapter) else read_adapter(a) for a in g[0]] for g in groups]
+    read = [[a if isinstance(a, Adapter) else read_adapter(a, format=from_format, base_config=ckpt.config,
+                                                             allow_skip=allow_skip) for a in g[0]] for g in groups]
     for adapter in (a for g in read for a in g):  # BASE and ADAPTER the same raw file: factors are not the model
         if adapter.path is not None and Path(adapter.path).resolve() == Path(base).resolve():
             ckpt.drop({k for m in adapter.modules.values() for k in m.source_keys})
@@ -127,6 +130,8 @@ def run_operation(
     reversible: bool = False,
     force: bool = False,
     exact: bool = True,
+    from_format: str | None = None,
+    allow_skip: bool = False,
     progress: Progress | None = None,
 ) -> Result:
     """The one pipeline behind merge, unmerge and swap: bind, plan, execute, verify."""
@@ -141,7 +146,7 @@ def run_operation(
     input_paths = list(dict.fromkeys(paths))
     if not dry_run and all(p.exists() for p in input_paths):  # else the readers say which input is missing
         check_output(out, inputs=input_paths, overwrite=overwrite)
-    ckpt, inputs = load_inputs(base, groups, layout=layout)
+    ckpt, inputs = load_inputs(base, groups, layout=layout, from_format=from_format, allow_skip=allow_skip)
     record = read_record(ckpt)
     undo_in = read_undo(ckpt)
     warnings: list[str] = []

@@ -1,0 +1,82 @@
+"""Helpers the format modules share: how per-module scales are expressed in formats that have one
+global scale, PEFT-style rank/alpha patterns, and the component prefixes of diffusers pipelines."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+from ..adapter import LoraModule
+
+# components of a diffusers pipeline, as target-name prefixes, and the kohya prefix of each
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+
+
+def component_of(target: str) -> tuple[str | None, str]:
+    """('unet', 'down_blocks.0…') for 'unet.down_blocks.0…'; (None, target) without a component."""
+    head, _, rest = target.partition(".")
+    if head in COMPONENTS and rest:
+        return head, rest
+    return None, target
+
+
+def default_component(base_config: dict | None) -> str:
+    """The pipeline component a checkpoint without component prefixes is: a CLIP text model is a
+    text encoder; anything else (a UNet, or a model outside a pipeline) goes where the UNet does."""
+    cfg = base_config or {}
+    archs = " ".join(cfg.get("architectures") or [])
+    if cfg.get("model_type") in ("clip_text_model", "clip") or "CLIPText" in archs:
+        return "text_encoder"
+    return "unet"
+
+
+def alpha_of(m: LoraModule) -> float:
+    """The alpha that reproduces the module's scale with alpha / r."""
+    if m.alpha is not None and math.isclose(m.alpha / m.rank, m.scale, rel_tol=1e-12, abs_tol=0.0):
+        return float(m.alpha)
+    return float(m.scale * m.rank)
+
+
+def pattern_config(modules: dict[str, LoraModule]) -> dict:
+    """PEFT-style r / lora_alpha with rank_pattern / alpha_pattern for the modules that differ.
+
+    Keys of ``modules`` are module names (no ``.weight``); patterns are anchored and escaped, so
+    PEFT's first-match rule picks exactly one module each.
+    """
+    ranks = {n: m.rank for n, m in modules.items()}
+    alphas = {n: alpha_of(m) for n, m in modules.items()}
+    common_r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    common_a = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
+    return {
+        "r": common_r,
+        "lora_alpha": common_a,
+        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != common_r},
+        "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != common_a},
+    }
+
+
+def fold_scale(m: LoraModule, scale: float) -> LoraModule:
+    """The same ΔW expressed with ``scale``: the ratio of the scales is folded into B."""
+    if m.scale == scale:
+        return m
+    factor = m.scale / scale
+    B = (m.B.double() * factor).to(m.B.dtype) if m.B.dtype != torch.float64 else m.B * factor
+    return m.with_(B=B, scale=scale, alpha=scale * m.rank)
+
+
+def pad_rank(m: LoraModule, rank: int) -> LoraModule:
+    """Zero rows in A and columns in B up to ``rank``: ΔW is unchanged (a format with one global
+    rank can then hold it)."""
+    extra = rank - m.rank
+    if extra <= 0:
+        return m
+    A = torch.cat([m.A, torch.zeros(extra, m.A.shape[1], dtype=m.A.dtype)], dim=0)
+    B = torch.cat([m.B, torch.zeros(m.B.shape[0], extra, dtype=m.B.dtype)], dim=1)
+    return m.with_(A=A, B=B)
+
+
+def most_common(values: list) -> object:
+    return Counter(values).most_common(1)[0][0]

@@ -1,0 +1,204 @@
+"""kohya sd-scripts / A1111 / ComfyUI / Forge LoRA files.
+
+Keys are ``<prefix>_<module path with "." → "_">.{lora_down.weight, lora_up.weight, alpha,
+dora_scale}`` with prefixes ``lora_unet``, ``lora_te`` (one text encoder), ``lora_te1`` /
+``lora_te2`` (SDXL), ``lora_te3`` (T5). down is (r, in[, kh, kw]), up (out, r[, 1, 1]); scale =
+alpha / r, a missing or zero alpha meaning alpha = r.
+
+Flattening loses the dots (``to_q`` vs ``to.q``), so names are mapped back by flattening the
+**base's** tensor names the same way (``layout.bind``), never by guessing. Files written by
+loratools also carry the original names in their metadata (``loratools_targets``) so that they
+read back without a base.
+
+LyCORIS DoRA ``dora_scale`` is (out, 1) in new files — per output, like PEFT — and (1, in) in old
+ones, where the norm is taken per input column instead; the axis is decided from the shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule, check_finite
+from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
+from .common import COMPONENTS, alpha_of, component_of, default_component, most_common
+
+NAME = "kohya"
+PREFIXES = {  # kohya prefix → diffusers component
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
+    "lora_transformer": "transformer",
+}
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora"}
+# keys of other LyCORIS / kohya network types: recognised so they can be named, not applied
+UNSUPPORTED = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
+               ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".lora_mid.weight",
+               ".diff", ".diff_b", ".oft_blocks", ".oft_diag", ".w_norm", ".b_norm", ".on_input")
+TARGETS_KEY = "loratools_targets"
+
+
+def _file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = sorted(p for p in path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise AdapterNotFoundError(f"{path}: expected one .safetensors LoRA file, found {len(files)}.", path=path)
+    return files[0]
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix, role in SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def detect(path: Path) -> bool:
+    try:
+        f = _file(path)
+        names = list(read_header(f).tensors)
+    except Exception:
+        return False
+    return any(split_stem(n.split(".")[0])[0] is not None and (_split(n) or n.endswith(UNSUPPORTED)) for n in names)
+
+
+def split_stem(stem: str) -> tuple[str | None, str]:
+    """('unet', 'down_blocks_0_…') for 'lora_unet_down_blocks_0_…' (longest prefix first)."""
+    for prefix in sorted(PREFIXES, key=len, reverse=True):
+        if stem.startswith(prefix + "_"):
+            return PREFIXES[prefix], stem[len(prefix) + 1:]
+    return None, stem
+
+
+def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
+    f = _file(path)
+    header = read_header(f)
+    targets = json.loads(header.metadata.get(TARGETS_KEY, "{}"))
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unsupported: list[str] = []
+    leftovers: list[str] = []
+    for key, info in header.tensors.items():
+        parts = _split(key)
+        if parts is None:
+            (unsupported if key.endswith(UNSUPPORTED) else leftovers).append(key)
+            continue
+        t = load_tensor(info)
+        check_finite(t, what=f"adapter tensor {key}", path=f)
+        groups.setdefault(parts[0], {})[parts[1]] = (key, t)
+    for stem, roles in groups.items():
+        if "down" not in roles or "up" not in roles:
+            if any(k.startswith(stem + ".") and k.endswith(UNSUPPORTED) for k in unsupported):
+                continue
+            leftovers.extend(k for k, _ in roles.values())
+    warnings: list[str] = []
+    if unsupported or leftovers:
+        names = sorted(unsupported + leftovers)
+        msg = (f"{f}: {len(names)} key(s) are not LoRA down/up pairs loratools can apply (LoHa, LoKr, lora_mid, "
+               f"full diffs…): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}.")
+        if not allow_skip:
+            raise AdapterFormatError(msg, path=f, hint="Nothing was written. --allow-skip applies the rest and reports "
+                                     "what was left out.")
+        warnings.append("skipped " + msg)
+    modules: dict[str, LoraModule] = {}
+    for stem, roles in sorted(groups.items()):
+        if "down" not in roles or "up" not in roles:
+            continue
+        (dk, down), (uk, up) = roles["down"], roles["up"]
+        r = int(down.shape[0])
+        if int(up.shape[1]) != r:
+            raise AdapterFormatError(f"{f}: {stem} has rank {r} in lora_down and {up.shape[1]} in lora_up.",
+                                     path=f, tensor=stem)
+        if any(int(s) != 1 for s in up.shape[2:]):
+            raise UnsupportedAdapterError(f"{f}: {uk} has a {tuple(up.shape[2:])} kernel; only 1×1 lora_up is a "
+                                          "plain low-rank delta (is this a LoCon with lora_mid?).", path=f)
+        alpha = float(roles["alpha"][1].reshape(-1)[0]) if "alpha" in roles else 0.0
+        if alpha == 0.0:
+            alpha = float(r)  # kohya: a missing or zero alpha means alpha = rank
+        kernel = tuple(int(s) for s in down.shape[2:])
+        magnitude = None
+        per_input = False
+        if "dora" in roles:
+            d = roles["dora"][1]
+            if d.dim() == 2 and d.shape[1] == 1 and d.shape[0] == up.shape[0]:
+                magnitude = d.reshape(-1)
+            elif d.dim() == 2 and d.shape[0] == 1:
+                magnitude, per_input = d.reshape(-1), True
+            else:
+                magnitude = d.reshape(-1)
+        component, flat = split_stem(stem)
+        target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
+        modules[target] = LoraModule(
+            target=target, A=down.reshape(r, -1), B=up.reshape(up.shape[0], r), scale=alpha / r, alpha=alpha,
+            kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
+            dora_per_input=per_input, source_keys=tuple(k for k, _ in roles.values()),
+        )
+    if not modules:
+        raise AdapterFormatError(f"{f} holds no lora_down / lora_up pairs.", path=f)
+    meta = dict(header.metadata)
+    return Adapter(
+        modules=modules,
+        meta={"format": NAME, "flat_names": not targets, "base_model": meta.get("ss_sd_model_name"),
+              "metadata": {k: v for k, v in meta.items() if k.startswith("ss_")}},
+        warnings=warnings, path=path, files=[f],
+    )
+
+
+def stem_for(target: str, components: set[str | None], default: str = "unet") -> str:
+    component, rest = component_of(target.removesuffix(".weight"))
+    component = component or default
+    if component == "text_encoder":
+        prefix = "lora_te1" if "text_encoder_2" in components else "lora_te"
+    else:
+        prefix = next(p for p, c in PREFIXES.items() if c == component and p != "lora_te1")
+    return f"{prefix}_{rest.replace('.', '_')}"
+
+
+def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
+          **_: object) -> list[Path]:
+    """One ``pytorch_lora_weights``-style kohya file, real alphas, the original names in metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, str] = {}
+    components = {component_of(t)[0] for t in adapter.modules}
+    default = default_component(base_config)
+    if adapter.replacements:
+        raise UnsupportedAdapterError(
+            f"kohya files cannot hold full tensors ({', '.join(sorted(adapter.replacements)[:4])}); converting would "
+            "lose them.", hint="Convert to peft or diffusers instead.")
+    for target, m in sorted(adapter.modules.items()):
+        if m.kind == "embedding" or m.transposed:
+            raise UnsupportedAdapterError(f"kohya LoRA has no form for {target} ({m.kind}, stored transposed: "
+                                          f"{bool(m.transposed)}).", tensor=target)
+        if m.bias is not None:
+            raise UnsupportedAdapterError(f"kohya LoRA has no lora_bias ({target}).", tensor=target)
+        stem = stem_for(target, components, default)
+        if stem in targets:
+            raise UnsupportedAdapterError(f"{target} and {targets[stem]} flatten to the same kohya name {stem}.")
+        targets[stem] = target
+        r = m.rank
+        tensors[f"{stem}.lora_down.weight"] = m.A.reshape(r, -1, *m.kernel).contiguous()
+        tensors[f"{stem}.lora_up.weight"] = m.B.reshape(m.fan_out, r, *([1] * len(m.kernel))).contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha_of(m), dtype=torch.float32)
+        if m.magnitude is not None:
+            shape = (1, -1) if m.dora_per_input else (-1, 1)
+            tensors[f"{stem}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
+    ranks = [m.rank for m in adapter.modules.values()]
+    alphas = [alpha_of(m) for m in adapter.modules.values()]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(most_common(ranks)),
+        "ss_network_alpha": str(most_common(alphas)),
+        TARGETS_KEY: json.dumps(targets, separators=(",", ":")),
+        "format": "pt",
+    }
+    name = "pytorch_lora_weights.safetensors"
+    save_tensors(out / name, tensors, meta)
+    return [out / name]
+
+
+__all__ = ["NAME", "detect", "read", "write", "COMPONENTS"]

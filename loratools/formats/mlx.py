@@ -1,0 +1,123 @@
+"""MLX-LM adapters: ``adapters.safetensors`` + ``adapter_config.json``.
+
+Keys are module paths (``model.layers.0.self_attn.q_proj.lora_a``) with ``lora_a`` (in, r) and
+``lora_b`` (r, out); MLX-LM's LoRALinear computes y = x Wᵀ + scale · (x @ lora_a) @ lora_b, so
+ΔW = scale · (lora_a @ lora_b)ᵀ with ``lora_parameters.scale`` an absolute factor (PEFT alpha =
+scale · r). Embeddings (LoRAEmbedding): lora_a (vocab, r), lora_b (r, dim), ΔW = scale · a @ b.
+DoRA (``fine_tune_type: dora``) adds ``m`` (out,), normalised per output row.
+
+MLX has one rank and one scale for the whole adapter: writing folds each module's scale into B
+(the most common scale becomes the config's) and pads smaller ranks with zero rows/columns, which
+keeps every ΔW exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule, check_finite
+from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
+from .common import fold_scale, most_common, pad_rank
+
+NAME = "mlx"
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapters.safetensors"
+EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embedding")
+
+
+def detect(path: Path) -> bool:
+    folder = path if path.is_dir() else path.parent
+    if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+        return False
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return "peft_type" not in cfg and ("lora_parameters" in cfg or "fine_tune_type" in cfg)
+
+
+def read(path: Path, **_: object) -> Adapter:
+    folder = path if path.is_dir() else path.parent
+    if not (folder / WEIGHTS).is_file():
+        raise AdapterNotFoundError(f"{folder} has no {WEIGHTS}.", path=folder)
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{folder / CONFIG} cannot be read: {e}.", path=folder / CONFIG) from None
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise UnsupportedAdapterError(f"{folder}: fine_tune_type {kind!r} is not a LoRA adapter.", path=folder)
+    params = cfg.get("lora_parameters") or {}
+    scale = float(params.get("scale", 20.0))  # mlx-lm's default scale
+    header = read_header(folder / WEIGHTS)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    leftovers = []
+    for key, info in header.tensors.items():
+        module, _, role = key.rpartition(".")
+        if role not in ("lora_a", "lora_b", "m"):
+            leftovers.append(key)
+            continue
+        t = load_tensor(info)
+        check_finite(t, what=f"adapter tensor {key}", path=folder / WEIGHTS)
+        groups.setdefault(module, {})[role] = (key, t)
+    if leftovers:
+        raise AdapterFormatError(f"{folder / WEIGHTS}: keys loratools does not understand: {', '.join(leftovers[:8])}.",
+                                 path=folder / WEIGHTS)
+    modules = {}
+    for module, roles in sorted(groups.items()):
+        if "lora_a" not in roles or "lora_b" not in roles:
+            raise AdapterFormatError(f"{folder}: {module} lacks lora_a or lora_b.", path=folder, tensor=module)
+        a, b = roles["lora_a"][1], roles["lora_b"][1]
+        r = int(a.shape[1])
+        emb = module.rsplit(".", 1)[-1] in EMBEDDINGS
+        target = module + ".weight"
+        modules[target] = LoraModule(
+            target=target, A=a.T.contiguous(), B=b.T.contiguous(), scale=scale, alpha=scale * r,
+            kind="embedding" if emb else "linear", transposed=True if emb else False,
+            magnitude=roles["m"][1].reshape(-1) if "m" in roles else None,
+            source_keys=tuple(k for k, _ in roles.values()),
+        )
+    return Adapter(modules=modules, meta={"format": NAME, "config": cfg, "base_model": cfg.get("model")},
+                   path=path, files=[folder / CONFIG, folder / WEIGHTS])
+
+
+def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: object) -> list[Path]:
+    if adapter.replacements:
+        raise UnsupportedAdapterError(
+            f"MLX-LM LoRA adapters cannot hold full tensors ({', '.join(sorted(adapter.replacements)[:4])}).")
+    mods = adapter.modules
+    for target, m in mods.items():
+        if m.kind == "conv" or m.bias is not None or (m.transposed and m.kind != "embedding"):
+            raise UnsupportedAdapterError(f"MLX-LM has no form for {target} ({m.kind}"
+                                          f"{', lora_bias' if m.bias is not None else ''}).", tensor=target)
+    scale = float(most_common([m.scale for m in mods.values()])) if mods else 20.0
+    rank = max((m.rank for m in mods.values()), default=8)
+    tensors: dict[str, torch.Tensor] = {}
+    keys: set[str] = set()
+    layers: set[int] = set()
+    for target, m in sorted(mods.items()):
+        m = pad_rank(fold_scale(m, scale), rank)
+        module = target.removesuffix(".weight")
+        tensors[f"{module}.lora_a"] = m.A.T.contiguous()
+        tensors[f"{module}.lora_b"] = m.B.T.contiguous()
+        if m.magnitude is not None:
+            tensors[f"{module}.m"] = m.magnitude.contiguous()
+        parts = module.split(".")
+        if "layers" in parts and parts.index("layers") + 2 <= len(parts):
+            i = parts.index("layers")
+            if parts[i + 1].isdigit():
+                layers.add(int(parts[i + 1]))
+                keys.add(".".join(parts[i + 2:]))
+    cfg = {
+        "fine_tune_type": "dora" if any(m.magnitude is not None for m in mods.values()) else "lora",
+        "num_layers": len(layers) if layers else -1,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
+        "model": base_model or adapter.meta.get("base_model"),
+    }
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_tensors(out / WEIGHTS, tensors, {"format": "mlx"})
+    return [out / CONFIG, out / WEIGHTS]
