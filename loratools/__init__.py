@@ -22,6 +22,7 @@ from .ops.execute import Result
 from .ops.convert import convert
 from .ops.merge import merge, swap, unmerge
 from .ops.stack import extract, resize, stack
+from .hub import push
 
 
 def load_adapter(
@@ -43,6 +44,10 @@ def load_adapter(
     from .formats import read_adapter
     from .ops.convert import prepare
 
+    from .hub import resolve
+
+    path = resolve(path, kind="adapter")
+    base = resolve(base) if base is not None else None
     adapter = read_adapter(path, format=format, allow_skip=allow_skip,
                            base_config=open_checkpoint(base).config if base is not None else None)
     if base is None and layout is None and adapter.format == "raw" and not adapter.meta.get("base_keys"):
@@ -52,7 +57,7 @@ def load_adapter(
     return prepare(adapter, base=base, layout=layout, scale=scale)
 
 
-__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap", "stack", "resize", "extract", "Result", "__version__", *_errors_all]
+__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap", "stack", "resize", "extract", "push", "Result", "__version__", *_errors_all]
 
 
 def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:

@@ -96,6 +96,23 @@ layout_option = click.option(
 )
 
 
+push_to_option = click.option(
+    "--push-to", "push_to", default=None, metavar="REPO",
+    help="Upload OUT to this Hub repo when it is written (one commit, with a model card).")
+
+
+def _push_after(out: Path, repo: str | None, *, quiet: bool = False) -> None:
+    if repo is None:
+        return
+    from .hub import push as do_push
+
+    result = do_push(out, repo)
+    _warn(result.notes)
+    if not quiet:
+        click.echo(f"pushed {len(result.uploaded)} file(s) to {repo}: {result.commit_url}"
+                   + (f"; deleted {len(result.deleted)} stale file(s)" if result.deleted else ""))
+
+
 FORMAT_NAMES = ["peft", "kohya", "diffusers", "mlx", "gguf", "raw"]
 from_option = click.option("--from", "from_format", type=click.Choice(FORMAT_NAMES), default=None,
                            help="The adapters' format, when detection by content should be overridden.")
@@ -180,8 +197,10 @@ weight_option = click.option("--weight", "weights", type=float, multiple=True,
 @weight_option
 @click.option("--reversible", is_flag=True,
               help="Store beside OUT the few values rounding would not give back, so unmerge restores BASE bit for bit.")
+@push_to_option
 @checkpoint_options
-def merge(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], **options: Any) -> None:
+def merge(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], push_to: str | None,
+          **options: Any) -> None:
     """Merge adapters into a base model: W' = W + Σ weightᵢ·ΔWᵢ.
 
     \b
@@ -203,6 +222,8 @@ def merge(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], **opt
 
     adapters, out = _split_out(paths, "merge")
     _run_checkpoint_op("merge", do_merge, base, adapters, out=out, weights=list(weights), **options)
+    if not options.get("dry_run"):
+        _push_after(out, push_to, quiet=options.get("quiet", False))
 
 
 @cli.command()
@@ -293,8 +314,8 @@ def _report_modules(result: Any, as_json: bool, verb: str) -> None:
     click.echo(f"{verb}: {len(result.modules)} module(s){where}.")
 
 
-to_option = click.option("--to", "to", type=click.Choice(["peft"]), default="peft", show_default=True,
-                         help="Format of the written adapter.")
+to_option = click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "mlx"]), default="peft",
+                         show_default=True, help="Format of the written adapter.")
 
 
 @cli.command()
@@ -316,9 +337,10 @@ to_option = click.option("--to", "to", type=click.Choice(["peft"]), default="pef
 @click.option("--dry-run", is_flag=True, help="Compute and report; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@push_to_option
 def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank: int | None, energy: float | None,
           density: float | None, seed: int, to: str, verify: bool, dry_run: bool, overwrite: bool,
-          as_json: bool) -> None:
+          as_json: bool, push_to: str | None) -> None:
     """One adapter from several: ADAPTER... OUT.
 
     Everything is combined as ΔW — never A and B separately, which would add cross terms. svd
@@ -331,6 +353,8 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
     result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy, density=density,
                       seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify)
     _report_modules(result, as_json, f"stack --method {method}")
+    if not dry_run:
+        _push_after(out, push_to, quiet=as_json)
 
 
 @cli.command()
@@ -451,6 +475,34 @@ def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layo
                        + ", ".join(f"{c.name} ({c.kind})" for c in report.failures[:10]))
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--base-model", default=None, help="The card's base_model (a Hub repo id; default: from the files' "
+              "provenance or adapter_config.json).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to commit to.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--message", "-m", default=None, help="Commit message.")
+def push(path: Path, repo_id: str, base_model: str | None, private: bool, revision: str | None, create_pr: bool,
+         message: str | None) -> None:
+    """Upload a folder (a merged model or an adapter) to the Hub as one commit.
+
+    The repo is created if needed; remote weight shards and indexes the folder no longer has are
+    deleted in the same commit; a model card is written or completed (base_model,
+    base_model_relation, library_name, tags, how the files were made). Token from HF_TOKEN or
+    the standard login, endpoint from HF_ENDPOINT.
+    """
+    from .hub import push as do_push
+
+    result = do_push(path, repo_id, base_model=base_model, private=private, revision=revision, create_pr=create_pr,
+                     message=message)
+    _warn(result.notes)
+    where = result.pr_url or result.commit_url
+    click.echo(f"pushed {len(result.uploaded)} file(s) to {repo_id}: {where}"
+               + (f"; deleted {len(result.deleted)} stale file(s)" if result.deleted else ""))
+
+
 scale_option = click.option(
     "--scale", type=float, default=None,
     help="Raw factor files only: the multiplier their code applied to the product (default 1).",
@@ -476,9 +528,10 @@ scale_option = click.option(
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="With --for: the server's max_lora_rank.")
 @from_option
 @allow_skip_option
+@push_to_option
 def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | None, scale: float | None,
             dtype: str | None, verify: bool, overwrite: bool, server: str | None, max_rank: int | None,
-            from_format: str | None, allow_skip: bool) -> None:
+            from_format: str | None, allow_skip: bool, push_to: str | None) -> None:
     """Rewrite an adapter in another format, keeping every module's ΔW.
 
     \b
@@ -494,6 +547,7 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
     _warn(result.warnings)
     check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
     click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
+    _push_after(out, push_to)
 
 
 @cli.command()

@@ -16,7 +16,8 @@ so ``except FileNotFoundError`` keeps working for callers who do not know lorato
     ├── OutputExistsError           (FileExistsError)    OUT exists and --overwrite was not given
     ├── InvalidArgumentError        (ValueError)         arguments that contradict each other
     ├── VerificationError           (ValueError)         a written output does not hold what it should
-    └── ProvenanceError             (ValueError)         an adapter that was never merged into MERGED
+    ├── ProvenanceError             (ValueError)         an adapter that was never merged into MERGED
+    └── HubError                    (OSError)            a Hub repo, revision or file that cannot be had
 
 The library never prints or exits; the CLI renders ``str(error)`` and exits 1.
 Each error keeps what its message names (``path``, ``tensor``, ``expected``, ``actual``) and an
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidArgumentError",
     "VerificationError",
     "ProvenanceError",
+    "HubError",
 ]
 
 
@@ -122,4 +124,8 @@ class VerificationError(LoraToolsError, ValueError):
 
 
 class ProvenanceError(LoraToolsError, ValueError):
+    pass
+
+
+class HubError(LoraToolsError, OSError):
     pass

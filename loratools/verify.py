@@ -289,7 +289,11 @@ def verify_checkpoint(
     from .ops.merge import _weights, load_inputs
     from .ops.plan import build_plan, collect_ops
 
+    from .hub import resolve
+
     ws = [w if w is not None else 1.0 for w in _weights(adapters, weights)]
+    base, merged = resolve(base), resolve(merged)
+    adapters = [resolve(a, kind="adapter") for a in adapters]
     ckpt, inputs = load_inputs(base, [(adapters, ws, 1.0)], layout=layout)
     out = open_checkpoint(merged)
     plan = build_plan("verify", ckpt, inputs, collect_ops(inputs))

@@ -43,6 +43,10 @@ def prepare(
     Raw factor files are bound to ``base``, or to themselves when they also hold the weights; a
     factor-only raw file without a base needs ``layout``.
     """
+    from ..hub import resolve
+
+    base = resolve(base, kind="checkpoint") if base is not None else None
+    adapter = adapter if isinstance(adapter, Adapter) else resolve(adapter, kind="adapter")
     base_config = open_checkpoint(base).config if base is not None else None
     a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, format=from_format, base_config=base_config,
                                                                     allow_skip=allow_skip)
@@ -116,7 +120,7 @@ def convert(
     if to not in FORMATS or not hasattr(FORMATS[to], "write"):
         writable = [n for n, f in FORMATS.items() if hasattr(f, "write")]
         raise InvalidArgumentError(f"Cannot write format {to!r}.", hint=f"Writable formats: {', '.join(writable)}.")
-    inputs = [Path(p) for p in (adapter, base) if p is not None and not isinstance(p, Adapter)]
+    inputs = [Path(p) for p in (adapter, base) if p is not None and not isinstance(p, Adapter) and Path(p).exists()]
     check_output(out, inputs=inputs, overwrite=overwrite)
     a = prepare(adapter, base=base, layout=layout, scale=scale, from_format=from_format, allow_skip=allow_skip)
     notes: list[str] = []

@@ -243,6 +243,7 @@ def provenance(plan: Plan) -> dict[str, str]:
         "operation": plan.operation,
         "inputs": [dict(a.record(), sign=a.sign) for a in plan.adapters],
         "adapters": plan.merged_after,
+        "base_model": plan.base_model,
     }
     return {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
 

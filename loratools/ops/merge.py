@@ -135,7 +135,12 @@ def run_operation(
     progress: Progress | None = None,
 ) -> Result:
     """The one pipeline behind merge, unmerge and swap: bind, plan, execute, verify."""
+    from ..hub import parse_repo, resolve
+
     out = Path(out)
+    base_ref = parse_repo(str(base)) if not Path(base).exists() else None
+    base = resolve(base, kind="checkpoint")
+    groups = [([a if isinstance(a, Adapter) else resolve(a, kind="adapter") for a in g[0]], g[1], g[2]) for g in groups]
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"Unknown precision {precision!r}.", hint="Use fp32 or fp64.")
     compute = PRECISIONS[precision]
@@ -171,6 +176,9 @@ def run_operation(
     plan.warnings.extend(warnings)
     plan.merged_after = merged_after
     plan.undo_in = undo_in
+    # the base model's Hub id, for model cards: the repo it came from, or what its own record says
+    plan.base_model = base_ref.repo_id if base_ref else (record or {}).get("base_model") or (
+        ckpt.config.get("_name_or_path") if parse_repo(str(ckpt.config.get("_name_or_path", ""))) else None)
     plan.reversible = reversible
     if undo_in is not None and undo_in.patches and any(a.sign < 0 for a in inputs):
         same_merge = [(e.get("sha256"), e.get("weight")) for e in undo_in.adapters] == [

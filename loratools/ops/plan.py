@@ -103,6 +103,7 @@ class Plan:
     undo_in: UndoData | None = None  # read from the input (unmerge, swap)
     reversible: bool = False  # store what exact undo needs
     exact_undo: bool = False  # restore patched tensors bit for bit (all merged adapters taken out)
+    base_model: str | None = None  # the base's Hub repo id, when known
 
     def tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors]

@@ -112,8 +112,11 @@ def stack(
     if len(ws) != len(adapters):
         raise InvalidArgumentError(f"{len(ws)} --weight value(s) for {len(adapters)} adapter(s).")
     if not dry_run:
-        check_output(out, inputs=[Path(a) for a in adapters if not isinstance(a, Adapter)], overwrite=overwrite)
-    read = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
+        check_output(out, inputs=[Path(a) for a in adapters if not isinstance(a, Adapter) and Path(a).exists()],
+                     overwrite=overwrite)
+    from ..hub import resolve
+
+    read = [a if isinstance(a, Adapter) else read_adapter(resolve(a, kind="adapter")) for a in adapters]
     result = AdapterResult(out=None if dry_run else out)
     targets: dict[str, list[tuple[LoraModule, float]]] = {}
     for a, w in zip(read, ws):
@@ -216,7 +219,10 @@ def resize(
     if energy is not None and not 0 < energy <= 1:
         raise InvalidArgumentError("--energy is a fraction in (0, 1].")
     out = Path(out)
+    from ..hub import resolve
+
     if not isinstance(adapter, Adapter):
+        adapter = resolve(adapter, kind="adapter")
         check_output(out, inputs=[Path(adapter)], overwrite=overwrite)
     a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
     result = AdapterResult(out=out, warnings=list(a.warnings))
@@ -267,7 +273,10 @@ def extract(
         raise InvalidArgumentError("extract needs --rank or --energy.")
     if embeddings not in ("full", "lora", "skip") or norms not in ("full", "skip"):
         raise InvalidArgumentError("--embeddings is full, lora or skip; --norms is full or skip.")
+    from ..hub import resolve
+
     out = Path(out)
+    base, tuned = resolve(base), resolve(tuned)
     check_output(out, inputs=[Path(base), Path(tuned)], overwrite=overwrite)
     b, t = open_checkpoint(base), open_checkpoint(tuned)
     missing = sorted(set(b.tensors) ^ set(t.tensors))
