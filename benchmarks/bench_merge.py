@@ -145,6 +145,8 @@ def main() -> None:
         "loratools merge": loratools + ["merge", str(base), str(adapter), str(work / "out-lt"), "-q"],
         "loratools merge --no-verify": loratools
         + ["merge", str(base), str(adapter), str(work / "out-lt-nv"), "-q", "--no-verify"],
+        "loratools merge --reversible": loratools
+        + ["merge", str(base), str(adapter), str(work / "out-lt-rev"), "-q", "--reversible", "--no-verify"],
     }
     if not args.skip_peft:
         runs["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
@@ -155,12 +157,15 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores; torch threads default")
     print(f"{'':32} {'wall s':>8} {'peak RSS MB':>12}")
     for label, cmd in runs.items():
-        out = Path(cmd[-2] if cmd[-1] in ("-q", "--no-verify") else cmd[-1])
-        for o in (work / "out-cp", work / "out-lt", work / "out-lt-nv", work / "out-peft"):
-            if o == out and o.exists():
-                shutil.rmtree(o)
+        out = next(Path(c) for c in cmd if Path(c).parent == work and Path(c).name.startswith("out-"))
+        if out.exists():
+            shutil.rmtree(out)
         secs, mb = measure(cmd)
-        print(f"{label:32} {secs:8.1f} {mb:12.0f}", flush=True)
+        extra = ""
+        undo = out / "loratools_undo.safetensors"
+        if undo.exists():
+            extra = f"   undo data {undo.stat().st_size / 1e6:.1f} MB ({100 * undo.stat().st_size / size:.2f}% of the weights)"
+        print(f"{label:32} {secs:8.1f} {mb:12.0f}{extra}", flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
 

@@ -158,20 +158,21 @@ def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path,
     finally:
         close()
     _warn(result.warnings)
-    plan = result.plan
-    assert plan is not None
+    plans = result.plans or {"": result.plan}
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2))
         return
     if dry_run:
-        for line in describe_plan(plan):
-            click.echo(line)
+        for component, plan in plans.items():
+            for line in describe_plan(plan):
+                click.echo(f"{component}: {line}" if component else line)
         click.echo("dry run: nothing was written.")
         return
     if not quiet:
         gb = result.bytes_written / 1e9
+        n_adapters = len({a.sha256 for p in plans.values() for a in p.adapters})
         click.echo(
-            f"{verb}: {len(plan.adapters)} adapter(s), {len(result.changed)} tensor(s) changed; "
+            f"{verb}: {n_adapters} adapter(s), {len(result.changed)} tensor(s) changed; "
             f"{result.copied} copied unchanged; wrote {gb:.2f} GB to {out} in {result.seconds:.1f} s."
         )
         if result.undo_bytes:
@@ -265,14 +266,19 @@ def swap(merged: Path, old: Path, new: Path, out: Path, **options: Any) -> None:
 
 
 def _result_json(result: Any) -> dict[str, Any]:
-    plan = result.plan
+    plans = result.plans or {"": result.plan}
+
+    def named(component: str, name: str) -> str:
+        return f"{component}/{name}" if component else name
+
     out: dict[str, Any] = {
         "out": str(result.out) if result.out else None,
-        "changed": [t.name for t in plan.changed()],
-        "unchanged": len(plan.tensors()) - len(plan.changed()),
-        "files": [s.filename for s in plan.shards],
-        "bytes": plan.total_bytes(),
-        "adapters": [{"path": a.label, "weight": a.weight, "sha256": a.sha256} for a in plan.adapters],
+        "changed": [named(c, t.name) for c, p in plans.items() for t in p.changed()],
+        "unchanged": sum(len(p.tensors()) - len(p.changed()) for p in plans.values()),
+        "files": [named(c, s.filename) for c, p in plans.items() for s in p.shards],
+        "bytes": sum(p.total_bytes() for p in plans.values()),
+        "adapters": list({a.sha256: {"path": a.label, "weight": a.weight, "sha256": a.sha256}
+                          for p in plans.values() for a in p.adapters}.values()),
         "warnings": result.warnings,
         "seconds": result.seconds,
     }

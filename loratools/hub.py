@@ -79,13 +79,14 @@ def _patterns_for(files: list[str], sub: str | None, *, kind: str) -> list[str]:
         own = [f for f in files if f.startswith(prefix)] if sub else files
         has_st = any(f.endswith(".safetensors") for f in own)
         return [f for f in own if not (has_st and f.endswith((".bin", ".pt", ".pth")))]
-    own = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
-    has_st = any(f.endswith(".safetensors") for f in own)
+    pipeline = f"{prefix}model_index.json" in files  # a diffusers pipeline: its component folders too
+    own = [f for f in files if f.startswith(prefix) and (pipeline or "/" not in f[len(prefix):])]
+    folders_with_st = {f.rsplit("/", 1)[0] if "/" in f else "" for f in own if f.endswith(".safetensors")}
     keep = []
     for f in own:
-        name = f[len(prefix):]
+        folder, _, name = f.rpartition("/")
         if any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS):
-            if has_st and not name.endswith((".safetensors", ".safetensors.index.json")):
+            if folder in folders_with_st and not name.endswith((".safetensors", ".safetensors.index.json")):
                 continue
             if name.endswith(".gguf"):
                 continue

@@ -404,3 +404,60 @@ def test_convert_for_vllm_and_tgi(bases, adapters, tmp_path: Path) -> None:
     assert code == 0 and "added 1 zero module" in text
     t = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
     assert float(t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max()) == 0
+
+
+# --- diffusers pipeline folders -----------------------------------------------------------------------
+
+
+def _pipeline(sd_parts, root: Path) -> Path:
+    """A diffusers pipeline folder: model_index.json, unet/, text_encoder/, scheduler/."""
+    import shutil
+
+    pipe = root / "pipe"
+    shutil.copytree(sd_parts["unet"], pipe / "unet")
+    shutil.copytree(sd_parts["clip"], pipe / "text_encoder")
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return pipe
+
+
+def test_kohya_and_diffusers_files_merge_into_a_pipeline_folder(sd_parts, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    pipe = _pipeline(sd_parts, tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    loratools.convert(sd_parts["unet-lora"], a, to="kohya", base=sd_parts["unet"])
+    loratools.convert(sd_parts["clip-lora"], b, to="kohya", base=sd_parts["clip"])
+    both = {**load_file(str(a / "pytorch_lora_weights.safetensors")),
+            **load_file(str(b / "pytorch_lora_weights.safetensors"))}
+    save_file(both, str(tmp_path / "sd-lora.safetensors"))  # a kohya file as A1111 users have them
+    code, text = run("merge", pipe, tmp_path / "sd-lora.safetensors", tmp_path / "merged", "-q")
+    assert code == 0, text
+    out = tmp_path / "merged"
+    assert (out / "scheduler" / "scheduler_config.json").read_text() == '{"_class_name": "DDIMScheduler"}'
+    assert (out / "model_index.json").exists() and (out / "unet" / "config.json").exists()
+    unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(sd_parts["unet"]),
+                                     str(sd_parts["unet-lora"])).merge_and_unload().state_dict()
+    clip = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(sd_parts["clip"]),
+                                     str(sd_parts["clip-lora"])).merge_and_unload().state_dict()
+    for k, v in read_tensors(out / "unet").items():
+        assert_close_fp32(v, unet[k], f"unet {k}")
+    for k, v in read_tensors(out / "text_encoder").items():
+        assert_close_fp32(v, clip[k], f"text_encoder {k}")
+    # diffusers' own format names its components: the UNet part alone touches only unet/
+    loratools.convert(sd_parts["unet-lora"], tmp_path / "d", to="diffusers", base=pipe / "unet")
+    result = loratools.merge(pipe, [tmp_path / "d"], tmp_path / "m2", device="cpu")
+    assert set(result.plans) == {"unet"} and result.verify.ok
+    assert (tmp_path / "m2" / "text_encoder" / "model.safetensors").read_bytes() == (
+        pipe / "text_encoder" / "model.safetensors").read_bytes()
+    # and out again, component by component, checked against each component's record
+    loratools.unmerge(out, [tmp_path / "sd-lora.safetensors"], tmp_path / "back", device="cpu")
+    for comp in ("unet", "text_encoder"):
+        original = read_tensors(pipe / comp)
+        for k, v in read_tensors(tmp_path / "back" / comp).items():
+            assert_close_fp32(v, original[k], f"{comp} {k}", rtol=4e-6)

@@ -22,7 +22,7 @@ from ..checkpoint.writer import AtomicOutput
 from ..dtypes import BY_ST
 from ..errors import CorruptFileError, NonFiniteError, VerificationError
 from .plan import Op, Plan, TensorPlan, UndoData
-from .undo import RECORD_KEY, tensor_sha256, undo_name, write_undo
+from .undo import RECORD_KEY, decode_positions, encode_positions, tensor_sha256, undo_name, write_undo
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,6 +40,7 @@ class Result:
     plan: Plan | None = None
     verify: Any = None  # a verify.VerifyReport when the output was verified
     undo_bytes: int = 0  # size of loratools_undo.safetensors written beside the output
+    plans: dict[str, Plan] | None = None  # a diffusers pipeline: one plan per component
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -217,14 +218,15 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: tor
         if plan.reversible and result.dtype == src.dtype:
             back = _blocks_apply(result, t, inverse_ops(t.ops, norm=norm, original=src), out_dtype=src.dtype,
                                  dtype=dtype, device=device, operation=plan.operation)
-            idx = torch.nonzero(~_same_bits(back, src)).reshape(-1)
-            if idx.numel():
-                undo_out.patches[t.name] = (idx, src.reshape(-1)[idx].clone())
+            differ = ~_same_bits(back, src)
+            del back
+            if bool(differ.any()):
+                undo_out.patches[t.name] = (encode_positions(differ), src.reshape(-1)[differ].clone())
                 undo_out.sha256[t.name] = tensor_sha256(src)
     undo_in = plan.undo_in
     if plan.exact_undo and undo_in is not None and t.name in undo_in.patches:
-        idx, val = undo_in.patches[t.name]
-        result.reshape(-1)[idx] = val.to(result.dtype)
+        positions, val = undo_in.patches[t.name]
+        result.reshape(-1)[decode_positions(positions, result.numel())] = val.to(result.dtype)
         if tensor_sha256(result) != undo_in.sha256.get(t.name):
             raise VerificationError(
                 f"{plan.operation}: {t.name} did not come back bit for bit (its sha256 differs from the one recorded "
@@ -248,6 +250,96 @@ def provenance(plan: Plan) -> dict[str, str]:
     return {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
 
 
+def write_plan(
+    plan: Plan,
+    folder: Path,
+    *,
+    single_name: str | None = None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    verify: bool = True,
+) -> Result:
+    """Write ``plan``'s files into ``folder`` (a temporary folder: nothing here is atomic) and, with
+    ``verify``, check them against a float64 reference. ``single_name``: write the one shard under
+    this name (a single-file output) and no index or side files."""
+    start = time.perf_counter()
+    total = plan.total_bytes()
+    done = 0
+    result = Result(out=folder, warnings=list(plan.warnings), plan=plan)
+    meta_extra = provenance(plan)
+    undo_out = UndoData(adapters=plan.merged_after)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, list[TensorPlan]]] = []
+    for shard in plan.shards:
+        base_meta = {}
+        src_header = next((s.header for s in plan.base.shards if s.filename == shard.filename), None)
+        if src_header is not None:
+            base_meta = dict(src_header.metadata)
+        base_meta.setdefault("format", "pt")
+        base_meta.update(meta_extra)
+        path = folder / (single_name or shard.filename)
+        entries = [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors]
+        writer = StreamWriter(path, entries, base_meta)
+        try:
+            for t in shard.tensors:
+                if t.copy and t.source.begin >= 0:
+                    writer.copy_range(t.name, t.source)
+                    result.copied += 1
+                else:
+                    value = compute_tensor(plan, t, dtype=dtype, device=device, undo_out=undo_out)
+                    writer.write_tensor(t.name, value)
+                    del value
+                    if t.ops:
+                        result.changed.append(t.name)
+                    else:
+                        result.copied += 1
+                done += t.out_nbytes
+                if progress:
+                    progress(done, total, t.name)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        result.bytes_written += path.stat().st_size
+        written.append((path, shard.tensors))
+    check_written(written)
+    numel = {t.name: math.prod(t.source.shape) for t in plan.tensors()}
+    if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
+        for name, norm in plan.undo_in.norms.items():
+            if name not in result.changed:
+                undo_out.norms.setdefault(name, norm)
+        for name, original in plan.undo_in.originals.items():
+            if name not in result.changed:
+                undo_out.originals.setdefault(name, original)
+    if not undo_out.empty():
+        undo_file = folder / (undo_name(Path(single_name), True) if single_name else undo_name(folder, False))
+        result.undo_bytes = write_undo(undo_file, undo_out, numel)
+    if verify:
+        from ..verify import verify_written
+
+        files = {s.filename: p for s, (p, _) in zip(plan.shards, written)}
+        report = verify_written(plan, files, fp64=dtype == torch.float64)
+        result.verify = report
+        if not report.ok:
+            raise VerificationError(
+                f"{plan.operation}: the written output failed verification; nothing was written. "
+                + report.summary(),
+                hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
+            )
+    if single_name is None:
+        if plan.sharded:
+            index = {
+                "metadata": {"total_size": plan.total_bytes()},
+                "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+            }
+            (folder / str(plan.index_name)).write_text(json.dumps(index, indent=2) + "\n")
+        for extra in plan.base.extra_files:
+            shutil.copy2(extra, folder / extra.name)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def execute(
     plan: Plan,
     out: Path,
@@ -261,84 +353,14 @@ def execute(
 ) -> Result:
     """Write ``plan`` to ``out`` atomically; with ``verify`` the written files are checked against a
     float64 reference (verify.py) before they are moved into place."""
-    start = time.perf_counter()
-    total = plan.total_bytes()
-    done = 0
-    result = Result(out=out, warnings=list(plan.warnings), plan=plan)
-    meta_extra = provenance(plan)
-    undo_out = UndoData(adapters=plan.merged_after)
     atomic = AtomicOutput(out, overwrite=overwrite, single_file=single_file)
     if single_file:
         atomic.stale = [out.parent / undo_name(out, True)]
     with atomic as tmp:
-        written: list[tuple[Path, list[TensorPlan]]] = []
-        for shard in plan.shards:
-            base_meta = {}
-            src_header = next((s.header for s in plan.base.shards if s.filename == shard.filename), None)
-            if src_header is not None:
-                base_meta = dict(src_header.metadata)
-            base_meta.setdefault("format", "pt")
-            base_meta.update(meta_extra)
-            path = (tmp / out.name) if single_file else (tmp / shard.filename)
-            entries = [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors]
-            writer = StreamWriter(path, entries, base_meta)
-            try:
-                for t in shard.tensors:
-                    if t.copy and t.source.begin >= 0:
-                        writer.copy_range(t.name, t.source)
-                        result.copied += 1
-                    else:
-                        value = compute_tensor(plan, t, dtype=dtype, device=device, undo_out=undo_out)
-                        writer.write_tensor(t.name, value)
-                        del value
-                        if t.ops:
-                            result.changed.append(t.name)
-                        else:
-                            result.copied += 1
-                    done += t.out_nbytes
-                    if progress:
-                        progress(done, total, t.name)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-            result.bytes_written += path.stat().st_size
-            written.append((path, shard.tensors))
-        check_written(written)
-        numel = {t.name: math.prod(t.source.shape) for t in plan.tensors()}
-        if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
-            for name, norm in plan.undo_in.norms.items():
-                if name not in result.changed:
-                    undo_out.norms.setdefault(name, norm)
-            for name, original in plan.undo_in.originals.items():
-                if name not in result.changed:
-                    undo_out.originals.setdefault(name, original)
-        if not undo_out.empty():
-            undo_file = tmp / undo_name(out, single_file)
-            result.undo_bytes = write_undo(undo_file, undo_out, numel)
-        if verify:
-            from ..verify import verify_written
-
-            files = {s.filename: p for s, (p, _) in zip(plan.shards, written)}
-            report = verify_written(plan, files, fp64=dtype == torch.float64)
-            result.verify = report
-            if not report.ok:
-                raise VerificationError(
-                    f"{plan.operation}: the written output failed verification; nothing was written. "
-                    + report.summary(),
-                    hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
-                )
-        if not single_file:
-            if plan.sharded:
-                index = {
-                    "metadata": {"total_size": plan.total_bytes()},
-                    "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
-                }
-                (tmp / str(plan.index_name)).write_text(json.dumps(index, indent=2) + "\n")
-            for extra in plan.base.extra_files:
-                shutil.copy2(extra, tmp / extra.name)
+        result = write_plan(plan, tmp, single_name=out.name if single_file else None, device=device, dtype=dtype,
+                            progress=progress, verify=verify)
         atomic.commit()
-    result.seconds = time.perf_counter() - start
+    result.out = out
     return result
 
 

@@ -113,6 +113,66 @@ def check_provenance(record: dict | None, inputs: list[AdapterInput], *, merged:
     return remaining, warnings
 
 
+def make_plan(
+    operation: str,
+    ckpt: Checkpoint,
+    inputs: list[AdapterInput],
+    *,
+    merged: Path,
+    base_model: str | None,
+    out_dtype: torch.dtype | None,
+    limit: int | None,
+    single_file: bool,
+    reversible: bool,
+    force: bool,
+    exact: bool,
+) -> Plan:
+    """Provenance, undo data and the plan for one checkpoint (a model, or one pipeline component)."""
+    from ..hub import parse_repo
+
+    record = read_record(ckpt)
+    undo_in = read_undo(ckpt)
+    warnings: list[str] = []
+    merged_before = list((record or {}).get("adapters", []))
+    remaining = merged_before
+    if any(a.sign < 0 for a in inputs):
+        remaining, warnings = check_provenance(record, inputs, merged=merged, force=force)
+    for a in inputs:
+        if a.weight != a.weight:
+            a.weight = 1.0
+    plan = build_plan(operation, ckpt, inputs, collect_ops(inputs, undo_in), dtype=out_dtype, max_shard_size=limit,
+                      single_file_out=single_file)
+    plan.warnings.extend(warnings)
+    plan.merged_after = remaining + [a.record() for a in inputs if a.sign > 0]
+    plan.undo_in = undo_in
+    # the base model's Hub id, for model cards: the repo it came from, or what its own record says
+    plan.base_model = base_model or (record or {}).get("base_model") or (
+        ckpt.config.get("_name_or_path") if parse_repo(str(ckpt.config.get("_name_or_path", ""))) else None)
+    plan.reversible = reversible
+    if undo_in is not None and undo_in.patches and any(a.sign < 0 for a in inputs):
+        same_merge = [(e.get("sha256"), e.get("weight")) for e in undo_in.adapters] == [
+            (e.get("sha256"), e.get("weight")) for e in merged_before]
+        if exact and same_merge and not remaining and not any(a.sign > 0 for a in inputs):
+            plan.exact_undo = True
+        elif exact:
+            plan.warnings.append("exact restore needs every merged adapter taken out (and nothing added); the result "
+                                 "is within rounding instead")
+    for a in inputs:
+        plan.warnings.extend(f"{a.label}: {w}" for w in a.adapter.warnings)
+    return plan
+
+
+def pipeline_components(folder: Path) -> list[str] | None:
+    """The component folders (unet, text_encoder…) of a diffusers pipeline, or None for a model."""
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        return None
+    comps = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any(f.suffix in (".safetensors", ".bin") for f in sub.iterdir() if f.is_file()):
+            comps.append(sub.name)
+    return comps
+
+
 def run_operation(
     operation: str,
     base: str | Path,
@@ -151,50 +211,109 @@ def run_operation(
     input_paths = list(dict.fromkeys(paths))
     if not dry_run and all(p.exists() for p in input_paths):  # else the readers say which input is missing
         check_output(out, inputs=input_paths, overwrite=overwrite)
-    ckpt, inputs = load_inputs(base, groups, layout=layout, from_format=from_format, allow_skip=allow_skip)
-    record = read_record(ckpt)
-    undo_in = read_undo(ckpt)
-    warnings: list[str] = []
-    if any(a.sign < 0 for a in inputs):
-        merged_before = list((record or {}).get("adapters", []))
-        remaining, warnings = check_provenance(record, inputs, merged=Path(base), force=force)
-    else:
-        merged_before = list((record or {}).get("adapters", []))
-        remaining = merged_before
-    for a in inputs:
-        if a.weight != a.weight:
-            a.weight = 1.0
-    merged_after = remaining + [a.record() for a in inputs if a.sign > 0]
     single_file = out.suffix == ".safetensors"
+    plan_options = dict(base_model=base_ref.repo_id if base_ref else None, out_dtype=out_dtype, limit=limit,
+                        single_file=single_file, reversible=reversible, force=force, exact=exact)
+    components = pipeline_components(Path(base))
+    if components is not None:
+        if single_file:
+            raise InvalidArgumentError(f"{base} is a diffusers pipeline folder: OUT must be a folder.")
+        plans = pipeline_plans(operation, Path(base), components, groups, layout=layout, from_format=from_format,
+                               allow_skip=allow_skip, **plan_options)  # type: ignore[arg-type]
+        if dry_run:
+            return Result(out=None, warnings=[w for p in plans.values() for w in p.warnings], plans=plans)
+        check_output(out, inputs=input_paths, overwrite=overwrite)
+        return write_pipeline(Path(base), plans, out, overwrite=overwrite, device=dev, dtype=compute,
+                              progress=progress, verify=verify)
+    ckpt, inputs = load_inputs(base, groups, layout=layout, from_format=from_format, allow_skip=allow_skip)
     if single_file and not ckpt.is_file:
         raise InvalidArgumentError(
             f"OUT {out} is a .safetensors file, but {base} is a folder.",
             hint="Give a folder as OUT: it receives the weights, index and config files.",
         )
-    plan = build_plan(operation, ckpt, inputs, collect_ops(inputs, undo_in), dtype=out_dtype, max_shard_size=limit,
-                      single_file_out=single_file)
-    plan.warnings.extend(warnings)
-    plan.merged_after = merged_after
-    plan.undo_in = undo_in
-    # the base model's Hub id, for model cards: the repo it came from, or what its own record says
-    plan.base_model = base_ref.repo_id if base_ref else (record or {}).get("base_model") or (
-        ckpt.config.get("_name_or_path") if parse_repo(str(ckpt.config.get("_name_or_path", ""))) else None)
-    plan.reversible = reversible
-    if undo_in is not None and undo_in.patches and any(a.sign < 0 for a in inputs):
-        same_merge = [(e.get("sha256"), e.get("weight")) for e in undo_in.adapters] == [
-            (e.get("sha256"), e.get("weight")) for e in merged_before]
-        if exact and same_merge and not remaining and not any(a.sign > 0 for a in inputs):
-            plan.exact_undo = True
-        elif exact:
-            plan.warnings.append("exact restore needs every merged adapter taken out (and nothing added); the result "
-                                 "is within rounding instead")
-    for a in inputs:
-        plan.warnings.extend(f"{a.label}: {w}" for w in a.adapter.warnings)
+    plan = make_plan(operation, ckpt, inputs, merged=Path(base), **plan_options)  # type: ignore[arg-type]
     if dry_run:
         return Result(out=None, warnings=plan.warnings, plan=plan)
     check_output(out, inputs=input_paths, overwrite=overwrite)
     return execute(plan, out, overwrite=overwrite, single_file=single_file, device=dev, dtype=compute,
                    progress=progress, verify=verify)
+
+
+def pipeline_plans(
+    operation: str,
+    base: Path,
+    components: list[str],
+    groups: Sequence[tuple[Sequence[str | Path | Adapter], Sequence[float | None], float]],
+    *,
+    layout: str | None,
+    from_format: str | None,
+    allow_skip: bool,
+    **plan_options: object,
+) -> dict[str, Plan]:
+    """A diffusers pipeline folder: bind every adapter once against all components' tensors named
+    ``<component>.<tensor>`` (kohya prefixes and diffusers component prefixes find their component
+    that way), then plan each touched component as a checkpoint of its own."""
+    ckpts = {c: open_checkpoint(base / c) for c in components}
+    shapes = {f"{c}.{n}": t.shape for c, ck in ckpts.items() for n, t in ck.tensors.items()}
+    inputs: dict[str, list[AdapterInput]] = {c: [] for c in components}
+    for adapters, weights, sign in groups:
+        for a, w in zip(adapters, weights):
+            adapter = a if isinstance(a, Adapter) else read_adapter(a, format=from_format, allow_skip=allow_skip)
+            bound = bind(adapter, shapes, layout=layout)
+            label = str(adapter.path) if adapter.path else "adapter"
+            sha = file_sha256(adapter.files)
+            for c in components:
+                head = c + "."
+                modules = {n[len(head):]: m.with_(target=n[len(head):], bias_target=m.bias_target and
+                                                  m.bias_target[len(head):]) for n, m in bound.modules.items()
+                           if n.startswith(head)}
+                repl = {n[len(head):]: t for n, t in bound.replacements.items() if n.startswith(head)}
+                if modules or repl:
+                    part = Adapter(modules=modules, replacements=repl, meta=dict(bound.meta),
+                                   warnings=list(bound.warnings), path=bound.path, files=bound.files)
+                    weight = float("nan") if w is None else float(w)
+                    inputs[c].append(AdapterInput(part, weight, sha, label, sign=sign))
+    if not any(inputs.values()):
+        raise InvalidArgumentError(f"No adapter module binds to any component of {base}.")
+    return {c: make_plan(operation, ckpts[c], ins, merged=base / c, **plan_options)  # type: ignore[arg-type]
+            for c, ins in inputs.items() if ins}
+
+
+def write_pipeline(base: Path, plans: dict[str, Plan], out: Path, *, overwrite: bool, device: torch.device,
+                   dtype: torch.dtype, progress: Progress | None, verify: bool) -> Result:
+    """Write every planned component with :func:`write_plan`, copy everything else (other
+    components, scheduler, tokenizer, model_index.json) as it is, and move the whole folder into
+    place at once."""
+    import shutil
+
+    from ..checkpoint.writer import AtomicOutput
+    from ..verify import VerifyReport
+    from .execute import write_plan
+
+    result = Result(out=out, plans=plans)
+    report = VerifyReport()
+    atomic = AtomicOutput(out, overwrite=overwrite)
+    with atomic as tmp:
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.name in plans:
+                part = write_plan(plans[entry.name], tmp / entry.name, device=device, dtype=dtype,
+                                  progress=progress, verify=verify)
+                result.changed += [f"{entry.name}.{n}" for n in part.changed]
+                result.copied += part.copied
+                result.bytes_written += part.bytes_written
+                result.undo_bytes += part.undo_bytes
+                result.warnings += part.warnings
+                if part.verify is not None:
+                    report.checks += part.verify.checks
+            elif entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+        atomic.commit()
+    result.verify = report if verify else None
+    return result
 
 
 def merge(

@@ -82,7 +82,7 @@ class UndoData:
 
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA ‖W+ΔW‖ per output, float32
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors replaced whole
-    patches: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (flat idx, values)
+    patches: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (encoded positions, values)
     sha256: dict[str, str] = field(default_factory=dict)  # of the original bytes of patched tensors
     adapters: list[dict] = field(default_factory=list)  # the merge these belong to
 

@@ -8,7 +8,8 @@ and swap read it to refuse adapters that were never merged.
 
 * ``norm::<tensor>``: DoRA's ‖W+ΔW‖ per output (float32) — DoRA cannot be taken out without it;
 * ``original::<tensor>``: a tensor an adapter replaced whole (``modules_to_save``);
-* with ``--reversible``: ``patch_idx::<tensor>`` (int32/int64 flat indices, or a uint8 bit mask)
+* with ``--reversible``: ``patch_idx::<tensor>`` (int32/int64 flat indices, or a uint8 bit mask,
+  whichever is smaller)
   and ``patch_val::<tensor>`` — the few original values that round(round(W+ΔW) − ΔW) does not
   give back — plus the sha256 of each original tensor, so unmerge restores it bit for bit and
   proves it.
@@ -42,6 +43,24 @@ def read_record(ckpt: Checkpoint) -> dict | None:
     return None
 
 
+def encode_positions(changed: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the True entries of a bool tensor: int32 indices when few, else a packed
+    bit mask (uint8) — whichever is smaller. Encoded at once so undo data stays small in memory."""
+    flat = changed.reshape(-1)
+    n = flat.numel()
+    count = int(flat.sum())
+    index_bytes = count * (4 if n < 2**31 else 8)
+    if index_bytes > (n + 7) // 8:
+        return torch.from_numpy(np.packbits(flat.numpy().astype(np.uint8)))
+    return torch.nonzero(flat).reshape(-1).to(torch.int32 if n < 2**31 else torch.int64)
+
+
+def decode_positions(encoded: torch.Tensor, numel: int) -> torch.Tensor:
+    if encoded.dtype == torch.uint8:
+        return torch.from_numpy(np.flatnonzero(np.unpackbits(encoded.numpy())[:numel]))
+    return encoded.long()
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
@@ -73,11 +92,8 @@ def read_undo(ckpt: Checkpoint) -> UndoData | None:
             undo.norms[name] = t
         elif kind == "original":
             undo.originals[name] = t
-        elif kind == "patch_idx":
-            if t.dtype == torch.uint8:  # a packed bit mask over the flat tensor
-                bits = np.unpackbits(t.numpy())[: int(numel[name])]
-                t = torch.from_numpy(np.flatnonzero(bits))
-            undo.patches[name] = (t.long(), undo.patches.get(name, (None, None))[1])  # type: ignore[arg-type]
+        elif kind == "patch_idx":  # kept encoded (indices or bit mask); decoded where it is applied
+            undo.patches[name] = (t, undo.patches.get(name, (None, None))[1])  # type: ignore[arg-type]
         elif kind == "patch_val":
             undo.patches[name] = (undo.patches.get(name, (None, None))[0], t)  # type: ignore[arg-type]
     return undo
@@ -91,15 +107,8 @@ def write_undo(path: Path, undo: UndoData, numel: dict[str, int]) -> int:
         tensors[f"norm::{name}"] = t.float().contiguous()
     for name, t in undo.originals.items():
         tensors[f"original::{name}"] = t.contiguous()
-    for name, (idx, val) in undo.patches.items():
-        n = numel[name]
-        index_bytes = idx.numel() * (4 if n < 2**31 else 8)
-        if index_bytes > (n + 7) // 8:
-            mask = np.zeros(n, dtype=np.uint8)
-            mask[idx.numpy()] = 1
-            tensors[f"patch_idx::{name}"] = torch.from_numpy(np.packbits(mask))
-        else:
-            tensors[f"patch_idx::{name}"] = idx.to(torch.int32 if n < 2**31 else torch.int64)
+    for name, (positions, val) in undo.patches.items():
+        tensors[f"patch_idx::{name}"] = positions.contiguous()  # already encoded (encode_positions)
         tensors[f"patch_val::{name}"] = val.contiguous()
     meta = {"adapters": undo.adapters, "sha256": undo.sha256, "numel": {k: numel[k] for k in undo.patches}}
     save_tensors(path, tensors, {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
