@@ -9,7 +9,6 @@ A format × format round-trip matrix checks every ΔW.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ bug that a self-consistent check repeats is caught by --forward, round trips are
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

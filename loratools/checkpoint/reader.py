@@ -232,3 +232,12 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CorruptFileError(f"{path} does not hold a flat dict of tensors.", path=path)
     return {str(k): v for k, v in obj.items()}
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A small file of tensors (an adapter) read whole: safetensors, or a weights-only pickle."""
+    if path.suffix == ".safetensors":
+        from .safetensors_io import read_header
+
+        return {name: load_tensor(info) for name, info in read_header(path).tensors.items()}
+    return load_pickle(path)

@@ -109,7 +109,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     for stem, roles in sorted(groups.items()):
         if "down" not in roles or "up" not in roles:
             continue
-        (dk, down), (uk, up) = roles["down"], roles["up"]
+        (_, down), (uk, up) = roles["down"], roles["up"]
         r = int(down.shape[0])
         if int(up.shape[1]) != r:
             raise AdapterFormatError(f"{f}: {stem} has rank {r} in lora_down and {up.shape[1]} in lora_up.",

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, LoraModule, check_finite
-from ..checkpoint.reader import load_pickle
-from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..checkpoint.reader import load_state_dict
+from ..checkpoint.safetensors_io import save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
 
 NAME = "peft"
@@ -147,13 +147,6 @@ def detect(path: Path) -> bool:
         return False
 
 
-def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    if weights.suffix == ".safetensors":
-        header = read_header(weights)
-        return {name: load_tensor(info) for name, info in header.tensors.items()}
-    return load_pickle(weights)
-
-
 def read_config(config_path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(config_path.read_text())
@@ -196,7 +189,7 @@ def read(path: Path, **_: object) -> Adapter:
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
     warnings = check_mergeable(cfg, config_path)
-    sd = read_state_dict(weights)
+    sd = load_state_dict(weights)
     for key, t in sd.items():
         check_finite(t, what=f"adapter tensor {key}", path=weights)
 
@@ -243,7 +236,7 @@ def read(path: Path, **_: object) -> Adapter:
             )
         if not module_is_targeted(cfg, name):
             untargeted.append(name)
-        (a_key, A), (b_key, B) = roles[a_role], roles[b_role]
+        (_, A), (_, B) = roles[a_role], roles[b_role]
         r = int(A.shape[0])
         rkey = get_pattern_key(list(rank_pattern), name)
         akey = get_pattern_key(list(alpha_pattern), name)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, LoraModule, check_finite
-from ..checkpoint.reader import PICKLE_SUFFIXES, load_pickle
-from ..checkpoint.safetensors_io import load_tensor, read_header
+from ..checkpoint.reader import PICKLE_SUFFIXES, load_state_dict
+from ..checkpoint.safetensors_io import read_header
 from ..errors import AdapterFormatError, AdapterNotFoundError, LayoutAmbiguousError, UnsupportedAdapterError
 
 NAME = "raw"
@@ -48,13 +48,6 @@ def split_key(key: str) -> tuple[str, str] | None:
     if last in FACTOR_NAMES:
         return prefix, last
     return None
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        header = read_header(path)
-        return {n: load_tensor(i) for n, i in header.tensors.items()}
-    return load_pickle(path)
 
 
 def detect(path: Path) -> bool:
@@ -100,7 +93,7 @@ def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Ten
 def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
     if not path.is_file():
         raise AdapterNotFoundError(f"Adapter not found: {path}.", path=path)
-    sd = read_state_dict(path)
+    sd = load_state_dict(path)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     base_keys: list[str] = []
     for key, t in sd.items():

@@ -84,7 +84,6 @@ def read_undo(ckpt: Checkpoint) -> UndoData | None:
     header = read_header(path)
     meta = json.loads(header.metadata.get(RECORD_KEY, "{}"))
     undo = UndoData(adapters=list(meta.get("adapters", [])), sha256=dict(meta.get("sha256", {})))
-    numel = meta.get("numel", {})
     for key, info in header.tensors.items():
         kind, _, name = key.partition("::")
         t = load_tensor(info)
