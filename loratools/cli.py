@@ -569,10 +569,11 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
          allow_skip: bool, as_json: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
-    from . import load_adapter
     from .adapter import delta
+    from .ops.convert import inspect
 
-    a = load_adapter(adapter, base=base, layout=layout, scale=scale, format=from_format, allow_skip=allow_skip)
+    seen = inspect(adapter, base=base, layout=layout, scale=scale, from_format=from_format, allow_skip=allow_skip)
+    a = seen.adapter
     rows = []
     for target, m in sorted(a.modules.items()):
         dw = delta(m, dtype=torch.float64)
@@ -599,6 +600,7 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         "parameters": a.parameter_count(),
         "ranks": sorted({r["rank"] for r in rows}),
         "bound_to": str(base) if base else None,
+        "unbound": seen.unbound,
         "warnings": a.warnings,
     }
     if as_json:
@@ -610,8 +612,19 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         click.echo(f"base model: {a.meta['base_model']}")
     if a.replacements:
         click.echo(f"full tensors (replace the base): {', '.join(sorted(a.replacements))}")
-    if not rows:
-        return
+    if rows:
+        _module_table(rows)
+    if seen.unbound:
+        click.echo(f"{len(seen.unbound)} module(s) do NOT bind to {base}:")
+        for name, why in sorted(seen.unbound.items()):
+            click.echo(f"  {name}: {why}")
+    elif base or a.meta.get("base_keys"):
+        click.echo(f"all {len(rows)} module(s) bind to tensors of {base or adapter} with matching shapes.")
+    if any(r["kind"].endswith("(orientation open)") for r in rows):
+        click.echo("orientation of raw factors is settled by --base or --layout; ‖ΔW‖ does not depend on it.")
+
+
+def _module_table(rows: list[dict[str, Any]]) -> None:
     width = max(len(r["target"]) for r in rows)
     click.echo(f"{'target':<{width}}  {'kind':<22} {'rank':>4} {'alpha':>8} {'scale':>9}  dtype  {'‖ΔW‖':>10}")
     for r in rows:
@@ -621,10 +634,6 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
             f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank']:>4} {alpha:>8} {r['scale']:>9.4g}  "
             f"{r['dtype']:<5}  {r['delta_norm']:>10.4g}"
         )
-    if base or a.meta.get("base_keys"):
-        click.echo(f"all {len(rows)} module(s) bind to tensors of {base or adapter} with matching shapes.")
-    if any(r["kind"].endswith("(orientation open)") for r in rows):
-        click.echo("orientation of raw factors is settled by --base or --layout; ‖ΔW‖ does not depend on it.")
 
 
 def main() -> None:

@@ -206,6 +206,12 @@ def bind(
         if name is None:
             missing.append(m.target)
             continue
+        if name in modules or any(u[1] == name for u in undecided):
+            raise LayoutAmbiguousError(
+                f"Two modules of the adapter bind to the same base tensor {name} (one of them is {m.target}).",
+                tensor=name,
+                hint="The adapter's names are ambiguous against this base; check that BASE is the right model.",
+            )
         shape = tuple(shapes[name])
         m = _as_kind_of(m, shape)
         if m.transposed is None and is_conv1d_target(name, base_config):

@@ -181,3 +181,16 @@ def test_save_adapter_round_trip_keeps_delta(tmp_path: Path, adapters) -> None:
     b = loratools.load_adapter(tmp_path / "again")
     for name, m in a.modules.items():
         assert torch.equal(loratools.delta(m, dtype=torch.float64), loratools.delta(b.modules[name], dtype=torch.float64))
+
+
+def test_info_with_a_base_says_what_binds_and_what_does_not(tmp_path: Path, adapters) -> None:
+    from tests import models
+
+    wider = models.save_tiny_llama(tmp_path / "wider", intermediate_size=96, tokenizer=False)
+    code, text = run("info", adapters["all-linear"], "--base", wider, "--json")
+    assert code == 0, text
+    data = json.loads(text)
+    assert data["modules"] == 8 and len(data["unbound"]) == 6  # the mlp projections do not fit
+    assert all("mlp" in name and "(128, 64)" in why or "(64, 128)" in why for name, why in data["unbound"].items())
+    bound = {m["target"] for m in data["module_list"]}
+    assert "model.layers.0.self_attn.q_proj.weight" in bound

@@ -215,3 +215,65 @@ def for_server(a: Adapter, server: str, *, max_rank: int | None = None) -> tuple
         if added:
             notes.append(f"tgi: added {added} zero module(s) so that every layer carries every module type")
     return replace(a, modules=modules), notes
+
+
+@dataclass
+class Inspection:
+    """An adapter as ``info`` shows it: bound where it binds, and why the rest does not."""
+
+    adapter: Adapter
+    unbound: dict[str, str] = field(default_factory=dict)  # module → why it does not bind
+
+
+def inspect(
+    path: str | Path,
+    *,
+    base: str | Path | None = None,
+    layout: str | None = None,
+    scale: float | None = None,
+    from_format: str | None = None,
+    allow_skip: bool = False,
+) -> Inspection:
+    """Read an adapter; with a base, bind what binds and report the rest module by module."""
+    from ..errors import LoraToolsError, ShapeMismatchError, UnboundModuleError
+    from ..hub import resolve
+
+    path = resolve(path, kind="adapter")
+    base = resolve(base) if base is not None else None
+    if base is None:
+        adapter = read_adapter(path, format=from_format, allow_skip=allow_skip)
+        if adapter.format == "raw" and layout is None and not adapter.meta.get("base_keys"):
+            if scale is not None:
+                adapter = replace(adapter, modules={n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()})
+            return Inspection(adapter)
+        return Inspection(prepare(adapter, layout=layout, scale=scale))
+    try:
+        return Inspection(prepare(path, base=base, layout=layout, scale=scale, from_format=from_format,
+                                  allow_skip=allow_skip))
+    except (UnboundModuleError, ShapeMismatchError, LayoutAmbiguousError):
+        pass
+    # bind module by module to say which ones do not, and why
+    ckpt = open_checkpoint(base)
+    adapter = read_adapter(path, format=from_format, base_config=ckpt.config, allow_skip=allow_skip)
+    if scale is not None and adapter.format == "raw":
+        adapter = replace(adapter, modules={n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()})
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    bound_modules = {}
+    unbound = {}
+    for name, m in adapter.modules.items():
+        try:
+            one = bind(replace(adapter, modules={name: m}, replacements={}), shapes, base_config=ckpt.config,
+                       layout=layout)
+            bound_modules.update(one.modules)
+        except UnboundModuleError:
+            unbound[name] = "no tensor of that name in the base"
+        except LoraToolsError as e:
+            unbound[name] = e.message
+    for name, t in adapter.replacements.items():
+        try:
+            bind(replace(adapter, modules={}, replacements={name: t}), shapes, base_config=ckpt.config)
+        except UnboundModuleError:
+            unbound[name] = "no tensor of that name in the base (full tensor)"
+        except LoraToolsError as e:
+            unbound[name] = e.message
+    return Inspection(replace(adapter, modules=bound_modules), unbound)
