@@ -22,7 +22,7 @@ from ..checkpoint.writer import AtomicOutput
 from ..dtypes import BY_ST
 from ..errors import CorruptFileError, NonFiniteError, VerificationError
 from .plan import Op, Plan, TensorPlan, UndoData
-from .undo import RECORD_KEY, decode_positions, encode_positions, tensor_sha256, undo_name, write_undo
+from .undo import RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_name
 
 Progress = Callable[[int, int, str], None]
 
@@ -270,6 +270,7 @@ def write_plan(
     meta_extra = provenance(plan)
     undo_out = UndoData(adapters=plan.merged_after)
     folder.mkdir(parents=True, exist_ok=True)
+    spill = UndoSpill(folder / ".loratools-undo-parts")
     written: list[tuple[Path, list[TensorPlan]]] = []
     for shard in plan.shards:
         base_meta = {}
@@ -290,6 +291,7 @@ def write_plan(
                     value = compute_tensor(plan, t, dtype=dtype, device=device, undo_out=undo_out)
                     writer.write_tensor(t.name, value)
                     del value
+                    spill.add(undo_out)
                     if t.ops:
                         result.changed.append(t.name)
                     else:
@@ -304,17 +306,16 @@ def write_plan(
         result.bytes_written += path.stat().st_size
         written.append((path, shard.tensors))
     check_written(written)
-    numel = {t.name: math.prod(t.source.shape) for t in plan.tensors()}
     if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
         for name, norm in plan.undo_in.norms.items():
             if name not in result.changed:
-                undo_out.norms.setdefault(name, norm)
+                undo_out.norms[name] = norm
         for name, original in plan.undo_in.originals.items():
             if name not in result.changed:
-                undo_out.originals.setdefault(name, original)
-    if not undo_out.empty():
-        undo_file = folder / (undo_name(Path(single_name), True) if single_name else undo_name(folder, False))
-        result.undo_bytes = write_undo(undo_file, undo_out, numel)
+                undo_out.originals[name] = original
+        spill.add(undo_out)
+    undo_file = folder / (undo_name(Path(single_name), True) if single_name else undo_name(folder, False))
+    result.undo_bytes = spill.finish(undo_file, plan.merged_after)
     if verify:
         from ..verify import verify_written
 

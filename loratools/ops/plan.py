@@ -86,9 +86,6 @@ class UndoData:
     sha256: dict[str, str] = field(default_factory=dict)  # of the original bytes of patched tensors
     adapters: list[dict] = field(default_factory=list)  # the merge these belong to
 
-    def empty(self) -> bool:
-        return not (self.norms or self.originals or self.patches)
-
 
 @dataclass
 class Plan:

@@ -98,9 +98,8 @@ def read_undo(ckpt: Checkpoint) -> UndoData | None:
     return undo
 
 
-def write_undo(path: Path, undo: UndoData, numel: dict[str, int]) -> int:
-    """Write undo data; returns the file's size. Patches are stored as indices, or as a bit mask
-    when that is smaller."""
+def undo_tensors(undo: UndoData) -> dict[str, torch.Tensor]:
+    """The file entries of undo data: ``norm::``, ``original::``, ``patch_idx::``, ``patch_val::``."""
     tensors: dict[str, torch.Tensor] = {}
     for name, t in undo.norms.items():
         tensors[f"norm::{name}"] = t.float().contiguous()
@@ -109,6 +108,50 @@ def write_undo(path: Path, undo: UndoData, numel: dict[str, int]) -> int:
     for name, (positions, val) in undo.patches.items():
         tensors[f"patch_idx::{name}"] = positions.contiguous()  # already encoded (encode_positions)
         tensors[f"patch_val::{name}"] = val.contiguous()
-    meta = {"adapters": undo.adapters, "sha256": undo.sha256, "numel": {k: numel[k] for k in undo.patches}}
-    save_tensors(path, tensors, {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
-    return path.stat().st_size
+    return tensors
+
+
+class UndoSpill:
+    """Undo data written to disk tensor by tensor as it is computed (one small part file each) and
+    joined into one file at the end, so that it never accumulates in memory."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.parts: list[Path] = []
+        self.sha256: dict[str, str] = {}
+
+    def add(self, undo: UndoData) -> None:
+        """Move what ``undo`` holds to disk and empty it (its sha256 entries are kept here)."""
+        self.sha256.update(undo.sha256)
+        tensors = undo_tensors(undo)
+        undo.norms.clear()
+        undo.originals.clear()
+        undo.patches.clear()
+        undo.sha256.clear()
+        if tensors:
+            self.folder.mkdir(exist_ok=True)
+            part = self.folder / f"part-{len(self.parts):06d}.safetensors"
+            save_tensors(part, tensors)
+            self.parts.append(part)
+
+    def finish(self, path: Path, adapters: list[dict]) -> int:
+        """Join the parts into ``path`` (bytes copied, nothing loaded); returns its size, 0 if empty."""
+        from ..checkpoint.safetensors_io import StreamWriter
+
+        if not self.parts:
+            return 0
+        infos = sorted((info for p in self.parts for info in read_header(p).tensors.values()), key=lambda i: i.name)
+        meta = {"adapters": adapters, "sha256": self.sha256}
+        writer = StreamWriter(path, [(i.name, i.dtype, i.shape) for i in infos],
+                              {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
+        try:
+            for info in infos:
+                writer.copy_range(info.name, info)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        for p in self.parts:
+            p.unlink()
+        self.folder.rmdir()
+        return path.stat().st_size
