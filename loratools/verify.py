@@ -82,8 +82,14 @@ class VerifyReport:
         if not self.ok:
             return f"verify FAILED ({len(self.failures)} tensor(s)): " + ", ".join(c.name for c in self.failures[:10])
         fwd = f", {len(forward)} layer(s) agree in a forward pass" if forward else ""
-        return (f"verify OK: {len(changed)} changed tensor(s) within bounds (max {worst:.2f} ulp), "
-                f"{len(identical)} bit-identical{fwd}.")
+        restored = [c for c in changed if c.kind == "restored"]
+        computed = len(changed) - len(restored)
+        parts = []
+        if computed or not restored:
+            parts.append(f"{computed} changed tensor(s) within bounds (max {worst:.2f} ulp)")
+        if restored:
+            parts.append(f"{len(restored)} restored bit for bit (sha256 as recorded at merge time)")
+        return f"verify OK: {', '.join(parts)}, {len(identical)} bit-identical{fwd}."
 
 
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
