@@ -2,11 +2,19 @@
 
 Public API::
 
-    load_adapter(path, *, format=None, base=None, layout=None) -> Adapter
+    load_adapter(path, *, format=None, base=None, layout=None, scale=None) -> Adapter
     save_adapter(adapter, out, *, format="peft") -> list[Path]
-    convert(adapter, out, *, to, base=None, layout=None, ...) -> ConvertResult
-    merge(base, adapters, out, *, weights=None, ...) -> Result
     delta(module) -> torch.Tensor          # ΔW of one module in its base tensor's shape
+    merge(base, adapters, out, *, weights=None, reversible=False, ...) -> Result
+    unmerge(merged, adapters, out, *, weights=None, force=False, exact=True, ...) -> Result
+    swap(merged, old, new, out, *, old_weight=None, weight=1.0, ...) -> Result
+    convert(adapter, out, *, to, base=None, layout=None, server=None, ...) -> ConvertResult
+    stack(adapters, out, *, method, weights=None, rank=None, ...) -> AdapterResult
+    resize(adapter, out, *, rank=None, energy=None) -> AdapterResult
+    extract(base, tuned, out, *, rank=None, energy=None, ...) -> AdapterResult
+    push(folder, repo_id, *, base_model=None, ...) -> PushResult
+
+Inputs are local paths or Hub repo ids (``org/name[@revision][:subfolder]``).
 """
 
 from __future__ import annotations
@@ -34,30 +42,23 @@ def load_adapter(
     scale: float | None = None,
     allow_skip: bool = False,
 ) -> Adapter:
-    """Read an adapter into its canonical form.
+    """Read an adapter into its canonical form (a local path or a Hub repo id).
 
     With ``base`` (or, for a raw file that also holds the module weights, by itself) the adapter
     is bound: every module's target tensor, shape and orientation are settled. ``layout`` declares
-    the orientation of raw factor pairs; ``scale`` is the multiplier a raw file's code applied.
+    the orientation of raw factor pairs; ``scale`` is the multiplier a raw file's code applied. A
+    raw file of factors alone keeps its orientation open until a base or layout settles it.
     """
-    from .checkpoint.reader import open_checkpoint
-    from .formats import read_adapter
     from .ops.convert import prepare
 
-    from .hub import resolve
-
-    path = resolve(path, kind="adapter")
-    base = resolve(base) if base is not None else None
-    adapter = read_adapter(path, format=format, allow_skip=allow_skip,
-                           base_config=open_checkpoint(base).config if base is not None else None)
-    if base is None and layout is None and adapter.format == "raw" and not adapter.meta.get("base_keys"):
-        if scale is not None:
-            adapter.modules = {n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()}
-        return adapter  # factor-only raw file: orientation stays open until a base is given
-    return prepare(adapter, base=base, layout=layout, scale=scale)
+    return prepare(path, base=base, layout=layout, scale=scale, from_format=format, allow_skip=allow_skip,
+                   open_orientation=True)
 
 
-__all__ = ["Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap", "stack", "resize", "extract", "push", "Result", "__version__", *_errors_all]
+__all__ = [
+    "Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap",
+    "stack", "resize", "extract", "push", "Result", "__version__", *_errors_all,
+]
 
 
 def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:

@@ -37,11 +37,13 @@ def prepare(
     scale: float | None = None,
     from_format: str | None = None,
     allow_skip: bool = False,
+    open_orientation: bool = False,
 ) -> Adapter:
     """Read and bind an adapter as far as its format needs for writing elsewhere.
 
     Raw factor files are bound to ``base``, or to themselves when they also hold the weights; a
-    factor-only raw file without a base needs ``layout``.
+    factor-only raw file without a base needs ``layout`` — unless ``open_orientation``, which
+    returns it with its orientation left open (for reading, not writing).
     """
     from ..hub import resolve
 
@@ -72,7 +74,7 @@ def prepare(
         a = replace(a, modules=modules)
         return bind(a, {n: m.storage_shape(bool(m.transposed)) for n, m in a.modules.items()}, layout=layout)
     undecided = [n for n, m in a.modules.items() if m.transposed is None and a.meta.get("factor_orientation")]
-    if undecided:
+    if undecided and not open_orientation:
         raise LayoutAmbiguousError(
             f"The orientation of {len(undecided)} module(s) cannot be known without the base: "
             f"{', '.join(undecided[:4])}{' …' if len(undecided) > 4 else ''}.",
@@ -241,12 +243,8 @@ def inspect(
     path = resolve(path, kind="adapter")
     base = resolve(base) if base is not None else None
     if base is None:
-        adapter = read_adapter(path, format=from_format, allow_skip=allow_skip)
-        if adapter.format == "raw" and layout is None and not adapter.meta.get("base_keys"):
-            if scale is not None:
-                adapter = replace(adapter, modules={n: m.with_(scale=m.scale * scale) for n, m in adapter.modules.items()})
-            return Inspection(adapter)
-        return Inspection(prepare(adapter, layout=layout, scale=scale))
+        return Inspection(prepare(path, layout=layout, scale=scale, from_format=from_format, allow_skip=allow_skip,
+                                  open_orientation=True))
     try:
         return Inspection(prepare(path, base=base, layout=layout, scale=scale, from_format=from_format,
                                   allow_skip=allow_skip))
