@@ -26,7 +26,8 @@ from .errors import HubError, InvalidArgumentError
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx")
 META_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.jinja", "tokenizer*", "*.md")
-LARGE_FOLDER = 50 * 10**9  # above this, one commit is impractical: upload_folder in several
+# above this many bytes one commit is impractical: upload_folder instead (LORATOOLS_ONE_COMMIT_MAX overrides)
+LARGE_FOLDER = 50 * 10**9
 
 
 @dataclass(frozen=True)
@@ -285,11 +286,16 @@ def push(
         ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
         size = sum(p.stat().st_size for p in files)
         msg = message or f"Upload with loratools ({len(files)} file(s))"
-        if size > LARGE_FOLDER:
+        import os
+
+        if size > int(os.environ.get("LORATOOLS_ONE_COMMIT_MAX", LARGE_FOLDER)):
             result.notes.append(f"{size / 1e9:.0f} GB is too large for one commit: uploading with upload_folder in "
                                 "several commits")
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
-                                     commit_message=msg, delete_patterns=[*WEIGHT_PATTERNS, "*.index.json"])
+                                     commit_message=msg, delete_patterns=[*WEIGHT_PATTERNS, "*.index.json"],
+                                     ignore_patterns=["README.md"])
+            info = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id,
+                                   revision=revision, commit_message=f"{msg}: model card")
             result.commit_url = str(getattr(info, "commit_url", info))
         else:
             info = api.create_commit(repo_id, operations=ops, commit_message=msg, revision=revision,

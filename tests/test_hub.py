@@ -28,7 +28,8 @@ def hub(tmp_path: Path):
         yield server
 
 
-def cli(hub: HubServer, *args: object, offline: bool = False, token: bool = True) -> subprocess.CompletedProcess:
+def cli(hub: HubServer, *args: object, offline: bool = False, token: bool = True,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hub.home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
@@ -36,6 +37,7 @@ def cli(hub: HubServer, *args: object, offline: bool = False, token: bool = True
         env["HF_TOKEN"] = "hf_local_test_token"
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "loratools", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -209,3 +211,12 @@ def test_create_pr_and_push_to_on_convert_and_stack(hub, bases, adapters, tmp_pa
     proc = cli(hub, "push", adapters["second"], "me/stack", "--create-pr", "-m", "proposal")
     assert proc.returncode == 0 and "/discussions/1" in proc.stdout, proc.stdout + proc.stderr
     assert hub.state.repos["me/stack"].refs["main"] == main and "refs/pr/1" in hub.state.repos["me/stack"].refs
+
+
+def test_very_large_folders_fall_back_to_upload_folder_and_say_so(hub, bases, tmp_path: Path) -> None:
+    proc = cli(hub, "push", bases["llama"], "me/large", extra_env={"LORATOOLS_ONE_COMMIT_MAX": "1000"})
+    assert proc.returncode == 0, proc.stderr
+    assert "upload_folder" in proc.stderr
+    files = hub.files("me/large")
+    assert all(files[p.name] == p.read_bytes() for p in bases["llama"].iterdir())
+    assert card_metadata(hub, "me/large")["library_name"] == "transformers"
