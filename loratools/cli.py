@@ -39,11 +39,16 @@ class LoraToolsGroup(click.Group):
             raise _Failure(f"{e.strerror or e}{where}. Nothing was written.") from None
 
 
+def _safe(text: str) -> str:
+    """Names come from files: escape control characters (terminal escapes) before printing them."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 class _Failure(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.message}", err=True)
+        click.echo(f"Error: {_safe(self.message)}", err=True)
 
 
 @click.group(cls=LoraToolsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +68,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        click.echo(f"warning: {line}", err=True)
+        click.echo(f"warning: {_safe(line)}", err=True)
 
 
 def _progress(quiet: bool, label: str) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:

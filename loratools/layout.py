@@ -266,12 +266,15 @@ def bind(
                             "out; apply the adapter to that component's checkpoint too")
             missing = [t for t in missing if t not in elsewhere]
     if missing:
+        tied = (base_config or {}).get("tie_word_embeddings") and any(t.endswith("lm_head.weight") for t in missing)
         raise UnboundModuleError(
             f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
             + (" …" if len(missing) > 6 else "")
             + ".",
             tensor=missing[0],
-            hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
+            hint="BASE ties lm_head to the input embeddings and stores only one of them; merging an lm_head LoRA "
+            "would change both. Untie the weights in BASE first." if tied else
+            "The adapter was made for a different model, or BASE is the wrong checkpoint.",
         )
     if undecided:
         if len(votes) == 1:

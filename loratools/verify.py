@@ -14,7 +14,7 @@ operation did not change must be bit-identical to its source: their bytes are co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
 from .dtypes import BY_ST
 from .adapter import LoraModule, delta
+from .checkpoint.reader import Checkpoint
 from .ops.execute import apply_ops, row_blocks, slice_op
 from .ops.plan import Op, Plan, TensorPlan
 
@@ -290,19 +291,39 @@ def verify_checkpoint(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> VerifyReport:
     """MERGED == round(BASE + Σ wᵢ·ΔWᵢ) tensor by tensor; every other tensor bit-identical; no
-    tensor missing or extra. With ``forward`` also :func:`forward_check` on every LoRA module."""
+    tensor missing or extra. With ``forward`` also :func:`forward_check` on every LoRA module.
+    A diffusers pipeline folder is verified component by component (tensor names ``unet/…``)."""
     from .checkpoint.reader import open_checkpoint
-    from .ops.merge import _weights, load_inputs
-    from .ops.plan import build_plan, collect_ops
-
     from .hub import resolve
+    from .ops.merge import _weights, load_inputs, pipeline_components, pipeline_plans
+    from .ops.plan import build_plan, collect_ops
 
     ws = [w if w is not None else 1.0 for w in _weights(adapters, weights)]
     base, merged = resolve(base), resolve(merged)
     adapters = [resolve(a, kind="adapter") for a in adapters]
-    ckpt, inputs = load_inputs(base, [(adapters, ws, 1.0)], layout=layout)
-    out = open_checkpoint(merged)
-    plan = build_plan("verify", ckpt, inputs, collect_ops(inputs))
+    components = pipeline_components(Path(base))
+    if components is None:
+        ckpt, inputs = load_inputs(base, [(adapters, ws, 1.0)], layout=layout)
+        return check_against(build_plan("verify", ckpt, inputs, collect_ops(inputs)), open_checkpoint(merged),
+                             forward=forward, progress=progress)
+    plans = pipeline_plans("verify", Path(base), components, [(adapters, ws, 1.0)], layout=layout, from_format=None,
+                           allow_skip=False, base_model=None, out_dtype=None, limit=None,
+                           single_file=False, reversible=False, force=False, exact=True)
+    report = VerifyReport()
+    for component in components:
+        out = open_checkpoint(Path(merged) / component)
+        if component in plans:
+            part = check_against(plans[component], out, forward=forward, progress=progress)
+        else:  # untouched: every tensor must be the base's, bit for bit
+            part = check_against(build_plan("verify", open_checkpoint(Path(base) / component), [], {}), out)
+        report.checks += [replace(c, name=f"{component}/{c.name}") for c in part.checks]
+    return report
+
+
+def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
+    """Every tensor of ``out`` against what ``plan`` says it must be; missing and extra ones fail."""
+    ckpt = plan.base
     report = VerifyReport()
     names = plan.tensors()
     for i, t in enumerate(names, start=1):
@@ -321,7 +342,7 @@ def verify_checkpoint(
     for name in sorted(set(out.tensors) - set(ckpt.tensors)):
         report.checks.append(TensorCheck(name, out.tensors[name].dtype, "FAIL", "extra"))
     if forward:
-        for ai in inputs:
+        for ai in plan.adapters:
             for target, m in ai.adapter.modules.items():
                 if target in out.tensors and tuple(out.tensors[target].shape) == tuple(ckpt.tensors[target].shape):
                     report.checks.append(forward_check(m, ckpt.get(target), out.get(target), weight=ai.weight,

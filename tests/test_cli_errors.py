@@ -206,3 +206,10 @@ def test_console_script_and_module_entry_points(bases, adapters, tmp_path: Path)
         proc = subprocess.run(cmd + ["merge", str(bases["llama"]), str(adapters["all-linear"]), str(out)],
                               capture_output=True, text=True)
         assert proc.returncode == 1 and proc.stderr.startswith("Error:") and "Traceback" not in proc.stderr
+
+
+def test_hostile_tensor_names_are_escaped_in_messages(bases, tmp_path: Path) -> None:
+    f = tmp_path / "evil.safetensors"
+    save_file({"x.\x1b[31mred\x1b[0m.lora_A": torch.zeros(2, 4)}, str(f))
+    code, text = run("info", f)
+    assert code == 1 and "\x1b" not in text and "\\x1b" in text

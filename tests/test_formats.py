@@ -454,6 +454,9 @@ def test_kohya_and_diffusers_files_merge_into_a_pipeline_folder(sd_parts, tmp_pa
     assert set(result.plans) == {"unet"} and result.verify.ok
     assert (tmp_path / "m2" / "text_encoder" / "model.safetensors").read_bytes() == (
         pipe / "text_encoder" / "model.safetensors").read_bytes()
+    # loratools verify checks a pipeline component by component
+    code, text = run("verify", pipe, tmp_path / "sd-lora.safetensors", out, "--forward")
+    assert code == 0 and "verify OK" in text, text
     # and out again, component by component, checked against each component's record
     loratools.unmerge(out, [tmp_path / "sd-lora.safetensors"], tmp_path / "back", device="cpu")
     for comp in ("unet", "text_encoder"):
