@@ -49,9 +49,9 @@ def prepare(
 
     base = resolve(base, kind="checkpoint") if base is not None else None
     adapter = adapter if isinstance(adapter, Adapter) else resolve(adapter, kind="adapter")
-    base_config = open_checkpoint(base).config if base is not None else None
-    a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, format=from_format, base_config=base_config,
-                                                                    allow_skip=allow_skip)
+    ckpt = open_checkpoint(base) if base is not None else None
+    a = adapter if isinstance(adapter, Adapter) else read_adapter(
+        adapter, format=from_format, base_config=ckpt.config if ckpt else None, allow_skip=allow_skip)
     if scale is not None:
         if a.format != "raw":
             raise InvalidArgumentError(
@@ -59,10 +59,9 @@ def prepare(
                 hint="Leave out --scale.",
             )
         a = replace(a, modules={n: m.with_(scale=m.scale * scale) for n, m in a.modules.items()})
-    if base is None and a.format == "raw" and a.meta.get("base_keys") and a.path is not None:
-        base = a.path  # the file holds the module weights too
-    if base is not None:
-        ckpt = open_checkpoint(base)
+    if ckpt is None and a.format == "raw" and a.meta.get("base_keys") and a.path is not None:
+        base, ckpt = a.path, open_checkpoint(a.path)  # the file holds the module weights too
+    if ckpt is not None:
         if a.path is not None and Path(a.path).resolve() == Path(base).resolve():
             ckpt.drop({k for m in a.modules.values() for k in m.source_keys})
         bound = bind(a, {n: t.shape for n, t in ckpt.tensors.items()}, base_config=ckpt.config, layout=layout)
