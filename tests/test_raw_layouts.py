@@ -194,3 +194,26 @@ def test_info_with_a_base_says_what_binds_and_what_does_not(tmp_path: Path, adap
     assert all("mlp" in name and "(128, 64)" in why or "(64, 128)" in why for name, why in data["unbound"].items())
     bound = {m["target"] for m in data["module_list"]}
     assert "model.layers.0.self_attn.q_proj.weight" in bound
+
+
+def test_a_whole_peft_model_state_dict_merges_into_itself(bases, adapters, tmp_path: Path) -> None:
+    """model.state_dict() of a PeftModel: base_layer weights beside lora_A.default / lora_B.default."""
+    from peft import PeftModel
+
+    from tests import models
+
+    pm = PeftModel.from_pretrained(models.load_base(bases["llama"]), str(adapters["second"]))
+    f = save_net(pm, tmp_path / "peft-model.safetensors")
+    cfg = json.loads((adapters["second"] / "adapter_config.json").read_text())
+    # q_proj and o_proj are square: the file cannot say its orientation, so it is declared
+    code, text = run("merge", f, f, tmp_path / "m.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"])
+    assert code == 1 and "--layout" in text
+    code, text = run("merge", f, f, tmp_path / "m.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"], "-q",
+                     "--layout", "linear-ab")
+    assert code == 0, text
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert not any("lora_" in k for k in merged)
+    oracle = models.peft_merged_state_dict(bases["llama"], [adapters["second"]])
+    for k, v in merged.items():
+        plain = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        assert_close_fp32(v, oracle[plain], plain)

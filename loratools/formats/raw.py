@@ -42,11 +42,17 @@ FACTOR_NAMES = {n for pair in PAIRS for n in pair}
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(prefix, factor name) for a factor key, ``None`` for any other key."""
+    """(prefix, factor name) for a factor key, ``None`` for any other key.
+
+    A whole PEFT model's ``state_dict()`` names its factors ``….lora_A.<adapter>.weight``: the
+    adapter name is dropped (two adapters on one module then collide and are reported)."""
     stem = key.removesuffix(".weight")
     prefix, _, last = stem.rpartition(".")
     if last in FACTOR_NAMES:
         return prefix, last
+    outer, _, middle = prefix.rpartition(".")
+    if middle in FACTOR_NAMES and key.endswith(".weight") and last.isidentifier():
+        return outer, middle
     return None
 
 
@@ -102,6 +108,11 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
             base_keys.append(key)
             continue
         prefix, name = parts
+        if name in groups.get(prefix, {}):
+            raise AdapterFormatError(
+                f"{path}: {key} and {groups[prefix][name][0]} are both factor {name} of {prefix or 'the model'} "
+                "(several adapters in one state dict?).", path=path, tensor=key,
+                hint="Keep one adapter's factors in the file, or save the adapter with PEFT's save_pretrained.")
         groups.setdefault(prefix, {})[name] = (key, t)
     modules: dict[str, LoraModule] = {}
     leftovers: list[str] = []
