@@ -88,7 +88,8 @@ class VerifyReport:
         computed = len(changed) - len(restored)
         parts = []
         if computed or not restored:
-            parts.append(f"{computed} changed tensor(s) within bounds (max {worst:.2f} ulp)")
+            rel = max((c.rel_err for c in changed if c.kind == "changed"), default=0.0)
+            parts.append(f"{computed} changed tensor(s) within bounds (max {worst:.2f} ulp, relative error {rel:.1e})")
         if restored:
             parts.append(f"{len(restored)} restored bit for bit (sha256 as recorded at merge time)")
         return f"verify OK: {', '.join(parts)}, {len(identical)} bit-identical{fwd}."
