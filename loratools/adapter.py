@@ -23,9 +23,6 @@ from .errors import NonFiniteError
 
 __all__ = ["LoraModule", "Adapter", "delta", "delta_bias", "check_finite"]
 
-KINDS = ("linear", "conv", "embedding")
-
-
 @dataclass
 class LoraModule:
     """One LoRA module bound (or to be bound) to one base tensor.

@@ -55,9 +55,6 @@ class Checkpoint:
             return self._pickled[name].clone()
         return load_tensor(self.tensors[name])
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors[name].shape
-
     def drop(self, names: set[str]) -> None:
         """Leave tensors out of this checkpoint (LoRA factors stored beside the weights they adapt)."""
         for shard in self.shards:
@@ -67,9 +64,6 @@ class Checkpoint:
 
     def is_pickle(self) -> bool:
         return bool(self._pickled)
-
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -23,7 +23,7 @@ import torch
 from ..adapter import Adapter, LoraModule, check_finite
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from .common import COMPONENTS, component_of, default_component, pattern_config
+from .common import component_of, default_component, pattern_config
 from .peft import get_pattern_key
 
 NAME = "diffusers"
@@ -161,5 +161,3 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     save_tensors(out / WEIGHTS, tensors, file_meta)
     return [out / WEIGHTS]
 
-
-__all__ = ["NAME", "detect", "read", "write", "COMPONENTS"]

@@ -24,7 +24,7 @@ import torch
 from ..adapter import Adapter, LoraModule, check_finite
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from .common import COMPONENTS, alpha_of, component_of, default_component, most_common
+from .common import alpha_of, component_of, default_component, most_common
 
 NAME = "kohya"
 PREFIXES = {  # kohya prefix → diffusers component
@@ -200,5 +200,3 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     save_tensors(out / name, tensors, meta)
     return [out / name]
 
-
-__all__ = ["NAME", "detect", "read", "write", "COMPONENTS"]
