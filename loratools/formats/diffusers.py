@@ -160,4 +160,3 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         file_meta[ADDED_KEY] = added
     save_tensors(out / WEIGHTS, tensors, file_meta)
     return [out / WEIGHTS]
-

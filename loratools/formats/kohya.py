@@ -199,4 +199,3 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     name = "pytorch_lora_weights.safetensors"
     save_tensors(out / name, tensors, meta)
     return [out / name]
-
