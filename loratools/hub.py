@@ -245,7 +245,8 @@ def push(
 
     folder = Path(folder)
     ref = RepoRef(repo_id, revision)
-    if parse_repo(repo_id) is None or parse_repo(repo_id).revision or parse_repo(repo_id).subfolder:
+    parsed = parse_repo(repo_id)
+    if parsed is None or parsed.revision or parsed.subfolder:
         raise InvalidArgumentError(f"{repo_id!r} is not a repo id (org/name).", hint="Use --revision for a branch.")
     if not folder.is_dir():
         raise InvalidArgumentError(f"{folder} is not a folder.", hint="push uploads a folder (a model or an adapter).")

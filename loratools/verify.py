@@ -298,10 +298,10 @@ def verify_checkpoint(
     A diffusers pipeline folder is verified component by component (tensor names ``unet/…``)."""
     from .checkpoint.reader import open_checkpoint
     from .hub import resolve
-    from .ops.merge import _weights, load_inputs, pipeline_components, pipeline_plans
-    from .ops.plan import build_plan, collect_ops
+    from .ops.merge import load_inputs, pipeline_components, pipeline_plans
+    from .ops.plan import build_plan, collect_ops, weights_per_adapter
 
-    ws = [w if w is not None else 1.0 for w in _weights(adapters, weights)]
+    ws = weights_per_adapter(adapters, weights)
     base, merged = resolve(base), resolve(merged)
     adapters = [resolve(a, kind="adapter") for a in adapters]
     components = pipeline_components(Path(base))

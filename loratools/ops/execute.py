@@ -20,7 +20,7 @@ from ..adapter import LoraModule, delta, delta_bias
 from ..checkpoint.safetensors_io import StreamWriter, read_header
 from ..checkpoint.writer import AtomicOutput
 from ..dtypes import BY_ST
-from ..errors import CorruptFileError, NonFiniteError, VerificationError
+from ..errors import CorruptFileError, InvalidArgumentError, NonFiniteError, VerificationError
 from .plan import Op, Plan, TensorPlan, UndoData
 from .undo import RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_name
 
@@ -49,12 +49,8 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         d = torch.device(device)
     except RuntimeError:
-        from ..errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"Unknown device {device!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"--device {device}: no CUDA device is available here.", hint="Use --device cpu.")
     return d
 

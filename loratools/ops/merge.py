@@ -15,21 +15,10 @@ from ..errors import InvalidArgumentError, ProvenanceError
 from ..formats import read_adapter
 from ..layout import bind
 from .execute import Progress, Result, execute, resolve_device
-from .plan import AdapterInput, Plan, build_plan, collect_ops, file_sha256
+from .plan import AdapterInput, Plan, build_plan, collect_ops, file_sha256, weights_per_adapter
 from .undo import read_record, read_undo
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
-
-
-def _weights(adapters: Sequence[object], weights: Sequence[float] | None, flag: str = "--weight") -> list[float | None]:
-    if weights is None or len(weights) == 0:
-        return [None] * len(adapters)
-    if len(weights) != len(adapters):
-        raise InvalidArgumentError(
-            f"{len(weights)} {flag} value(s) for {len(adapters)} adapter(s).",
-            hint=f"Give {flag} once per adapter, in the same order, or not at all.",
-        )
-    return [float(w) for w in weights]
 
 
 def load_inputs(
@@ -338,7 +327,7 @@ def merge(
     round(round(W+ΔW) − ΔW) would not give back are stored beside OUT so that unmerge restores
     the base bit for bit.
     """
-    ws = [w if w is not None else 1.0 for w in _weights(adapters, weights)]
+    ws = weights_per_adapter(adapters, weights)
     return run_operation("merge", base, [(adapters, ws, 1.0)], out, reversible=reversible, **options)  # type: ignore[arg-type]
 
 
@@ -358,7 +347,7 @@ def unmerge(
     to the recorded ones. When MERGED was written with ``reversible`` and every merged adapter is
     taken out, the base comes back bit for bit (``exact=False`` declines that).
     """
-    return run_operation("unmerge", merged, [(adapters, _weights(adapters, weights), -1.0)], out, force=force,
+    return run_operation("unmerge", merged, [(adapters, weights_per_adapter(adapters, weights, default=None), -1.0)], out, force=force,
                          exact=exact, **options)  # type: ignore[arg-type]
 
 

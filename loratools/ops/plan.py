@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,20 @@ def file_sha256(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def weights_per_adapter(adapters: Sequence[object], weights: Sequence[float] | None, *,
+                        default: float | None = 1.0) -> list[float | None]:
+    """One weight per adapter, in order; ``default`` for all when none are given (None: decided
+    later, as unmerge does from the merge's record)."""
+    if not weights:
+        return [default] * len(adapters)
+    if len(weights) != len(adapters):
+        raise InvalidArgumentError(
+            f"{len(weights)} --weight value(s) for {len(adapters)} adapter(s).",
+            hint="Give --weight once per adapter, in the same order, or not at all.",
+        )
+    return [float(w) for w in weights]
 
 
 def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> dict[str, list[Op]]:

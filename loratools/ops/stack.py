@@ -21,6 +21,7 @@ from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapte
 from ..formats import FORMATS, read_adapter
 from ..layout import is_conv1d_target
 from . import algebra
+from .plan import weights_per_adapter
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -108,9 +109,7 @@ def stack(
         raise InvalidArgumentError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}.")
     if not adapters:
         raise InvalidArgumentError("stack needs at least one adapter.")
-    ws = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
-    if len(ws) != len(adapters):
-        raise InvalidArgumentError(f"{len(ws)} --weight value(s) for {len(adapters)} adapter(s).")
+    ws = [float(w) for w in weights_per_adapter(adapters, weights)]  # type: ignore[arg-type]
     if not dry_run:
         check_output(out, inputs=[Path(a) for a in adapters if not isinstance(a, Adapter) and Path(a).exists()],
                      overwrite=overwrite)
