@@ -12,7 +12,11 @@ Public API::
     stack(adapters, out, *, method, weights=None, rank=None, ...) -> AdapterResult
     resize(adapter, out, *, rank=None, energy=None) -> AdapterResult
     extract(base, tuned, out, *, rank=None, energy=None, ...) -> AdapterResult
+    verify_checkpoint(base, adapters, merged, *, weights=None, forward=False) -> VerifyReport
     push(folder, repo_id, *, base_model=None, ...) -> PushResult
+
+Options (``device``, ``precision``, ``dtype`` …) are keywords, checked once into a frozen
+:class:`Options`. ``import loratools`` is light: the API is imported on first use.
 
 Inputs are local paths or Hub repo ids (``org/name[@revision][:subfolder]``).
 """
@@ -22,15 +26,38 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .adapter import Adapter, LoraModule, delta
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
-from .ops.execute import Result
-from .ops.convert import convert
-from .ops.merge import merge, swap, unmerge
-from .ops.stack import extract, resize, stack
-from .hub import push
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, LoraModule, delta
+    from .hub import push
+    from .ops.convert import convert
+    from .ops.execute import Result
+    from .ops.merge import merge, swap, unmerge
+    from .ops.stack import extract, resize, stack
+
+# The public API is imported on first use (PEP 562), so that ``import loratools`` and the CLI's
+# ``--help`` do not pay for torch.
+_LAZY = {
+    "Adapter": "adapter", "LoraModule": "adapter", "delta": "adapter", "LowRank": "deltas", "Full": "deltas",
+    "Delta": "deltas", "Result": "ops.execute", "convert": "ops.convert", "merge": "ops.merge",
+    "unmerge": "ops.merge", "swap": "ops.merge", "stack": "ops.stack", "resize": "ops.stack",
+    "extract": "ops.stack", "push": "hub", "verify_checkpoint": "ops.check", "Options": "options",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loratools' has no attribute {name!r}")
 
 
 def load_adapter(
@@ -49,30 +76,30 @@ def load_adapter(
     the orientation of raw factor pairs; ``scale`` is the multiplier a raw file's code applied. A
     raw file of factors alone keeps its orientation open until a base or layout settles it.
     """
-    from .ops.convert import prepare
+    from .options import Options
+    from .pipeline import prepare_adapter
 
-    return prepare(path, base=base, layout=layout, scale=scale, from_format=format, allow_skip=allow_skip,
-                   open_orientation=True)
+    opts = Options.build(layout=layout, from_format=format, allow_skip=allow_skip)
+    return prepare_adapter(path, opts, base=base, scale=scale, open_orientation=True)
 
 
 __all__ = [
-    "Adapter", "LoraModule", "delta", "load_adapter", "save_adapter", "convert", "merge", "unmerge", "swap",
-    "stack", "resize", "extract", "push", "Result", "__version__", *_errors_all,
+    "Adapter", "LoraModule", "Delta", "LowRank", "Full", "delta", "load_adapter", "save_adapter", "convert", "merge",
+    "unmerge", "swap", "stack", "resize", "extract", "verify_checkpoint", "push", "Result", "Options", "__version__",
+    *_errors_all,
 ]
 
 
 def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:
-    """Write a (bound) adapter to the folder ``out`` in ``format``, atomically."""
-    from .checkpoint.writer import AtomicOutput, check_output
-    from .errors import InvalidArgumentError
-    from .formats import FORMATS
+    """Write a (bound) adapter to the folder ``out`` in ``format``, atomically (read back and
+    checked like every adapter loratools writes)."""
+    from .checkpoint.writer import check_output
+    from .formats import spec
+    from .options import Options
+    from .pipeline import write_adapter_output
 
     out = Path(out)
-    if format not in FORMATS or not hasattr(FORMATS[format], "write"):
-        raise InvalidArgumentError(f"Cannot write format {format!r}.")
+    s = spec(format, writing=True)
     check_output(out, inputs=[], overwrite=overwrite)
-    atomic = AtomicOutput(out, overwrite=overwrite)
-    with atomic as tmp:
-        names = [p.name for p in FORMATS[format].write(adapter, tmp)]
-        atomic.commit()
-    return [out / n for n in names]
+    write_adapter_output(adapter, out, Options.build(overwrite=overwrite), to=s.name)
+    return sorted(out.iterdir()) if out.is_dir() else [out]

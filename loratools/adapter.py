@@ -1,13 +1,16 @@
 """The canonical adapter: every format is read into this and written from this.
 
-A :class:`LoraModule` holds its factors in one orientation, whatever the source format:
+A :class:`LoraModule` binds one :class:`~loratools.deltas.Delta` (the math: ΔW as an
+(out_features, in_features) matrix) to one base tensor, and says how that tensor stores it:
 
-* ``A``: (r, fan_in) — for a conv target fan_in = in_channels·kh·kw, for an embedding fan_in = vocab;
-* ``B``: (fan_out, r);
-* ``ΔW = scale · B @ A``, shape (fan_out, fan_in), then transposed when the base stores (in, out)
-  (GPT-2 ``Conv1D``, embeddings), then reshaped to the base tensor's shape (conv kernels).
+* ``kind``: ``linear``, ``conv`` (``kernel`` gives kh, kw…; in_features = in_channels·kh·kw) or
+  ``embedding``;
+* ``transposed``: the base stores (in, out) — GPT-2 ``Conv1D``, embeddings (V, d) — so ΔW is
+  transposed before it is added; ``None`` until binding to a base settles it;
+* ``shape``: the base tensor's shape once bound;
+* optional DoRA ``magnitude`` and PEFT ``lora_B.bias`` (``bias``, unscaled, added to ``bias_target``).
 
-:func:`delta` is the only place that formula lives; merge, unmerge, verify and every writer use it.
+:meth:`LoraModule.block` is the only place a delta meets a stored tensor's layout.
 """
 
 from __future__ import annotations
@@ -19,51 +22,54 @@ from typing import Any
 
 import torch
 
+from .deltas import Delta, LowRank
 from .errors import NonFiniteError
 
-__all__ = ["LoraModule", "Adapter", "delta", "delta_bias", "check_finite"]
+__all__ = ["LoraModule", "Adapter", "delta", "check_finite", "lowrank_module"]
+
 
 @dataclass
 class LoraModule:
-    """One LoRA module bound (or to be bound) to one base tensor.
-
-    ``transposed`` is True when the base stores the weight as (fan_in, fan_out): GPT-2 ``Conv1D``
-    and embeddings (V, d). ``None`` means not settled yet: binding to a base decides it.
-    ``shape`` is the base tensor's shape once bound (``None`` before).
-    """
+    """One adapter module bound (or to be bound) to one base tensor."""
 
     target: str
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    alpha: float | None = None
+    delta: Delta
     kind: str = "linear"
     transposed: bool | None = False
     shape: tuple[int, ...] | None = None
     kernel: tuple[int, ...] = ()
-    magnitude: torch.Tensor | None = None  # DoRA, (fan_out,)
+    magnitude: torch.Tensor | None = None  # DoRA, one value per output (or per input: dora_per_input)
     bias: torch.Tensor | None = None  # PEFT lora_B.bias, (fan_out,), unscaled
     bias_target: str | None = None
     source_keys: tuple[str, ...] = ()
     dora_per_input: bool = False  # old LyCORIS dora_scale (1, in): the norm is taken per input column
 
     @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
+    def rank(self) -> int | None:
+        return self.delta.rank
 
     @property
     def fan_in(self) -> int:
-        return int(self.A.shape[1])
+        return self.delta.in_features
 
     @property
     def fan_out(self) -> int:
-        return int(self.B.shape[0])
+        return self.delta.out_features
+
+    @property
+    def scale(self) -> float:
+        """The scale of a delta that has one (low-rank, full); 1 otherwise."""
+        return float(getattr(self.delta, "scale", 1.0))
 
     def storage_shape(self, transposed: bool) -> tuple[int, ...]:
         """The base shape this module fits when stored (out, in…) or, transposed, (in, out)."""
         if self.kind == "conv":
             return (self.fan_out, self.fan_in // max(1, math.prod(self.kernel)), *self.kernel)
         return (self.fan_in, self.fan_out) if transposed else (self.fan_out, self.fan_in)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return self.shape or self.storage_shape(bool(self.transposed))
 
     @property
     def out_axis(self) -> int:
@@ -75,8 +81,26 @@ class LoraModule:
         """The axis DoRA's magnitude runs along: outputs (PEFT, new LyCORIS), or inputs (old LyCORIS)."""
         return 1 - self.out_axis if self.dora_per_input else self.out_axis
 
+    def block(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+              weight: float = 1.0, magnitude: bool = False) -> torch.Tensor:
+        """weight · ΔW for rows i:j of the stored tensor, in its storage layout. With ``magnitude``
+        the elementwise bound on the terms instead (for error bounds)."""
+        d = self.delta.magnitude() if magnitude else self.delta
+        w = abs(weight) if magnitude else weight
+        if self.transposed:  # stored (in, out): its rows are ΔW's columns
+            dw = d.cols(i, j, dtype=dtype, device=device, weight=w).T
+        else:
+            dw = d.rows(i, j, dtype=dtype, device=device, weight=w)
+        return dw.reshape(j - i, *self.stored_shape[1:])
+
     def with_(self, **changes: Any) -> "LoraModule":
         return replace(self, **changes)
+
+
+def lowrank_module(target: str, A: torch.Tensor, B: torch.Tensor, scale: float, alpha: float | None = None,
+                   **fields: Any) -> LoraModule:
+    """A module whose delta is scale · B @ A (A (r, in), B (out, r)): what most formats hold."""
+    return LoraModule(target=target, delta=LowRank(A, B, float(scale), alpha), **fields)
 
 
 @dataclass
@@ -100,7 +124,7 @@ class Adapter:
         return str(self.meta.get("format", "unknown"))
 
     def parameter_count(self) -> int:
-        n = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        n = sum(m.delta.parameter_count() for m in self.modules.values())
         n += sum(m.magnitude.numel() for m in self.modules.values() if m.magnitude is not None)
         n += sum(m.bias.numel() for m in self.modules.values() if m.bias is not None)
         return n + sum(t.numel() for t in self.replacements.values())
@@ -113,42 +137,27 @@ def delta(
     device: torch.device | str | None = None,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """ΔW = weight · scale · B @ A in the base tensor's shape and storage order.
-
-    The product is formed in ``dtype`` (float32 by default) on ``device``; the factor
-    ``weight·scale`` is applied to the smaller of the two factors before the product, so the
-    result carries a single rounding of the matmul.
-    """
-    A = module.A.to(device=device, dtype=dtype)
-    B = module.B.to(device=device, dtype=dtype)
-    factor = float(weight) * float(module.scale)
-    if A.numel() <= B.numel():
-        A = A * factor
-    else:
-        B = B * factor
-    dw = B @ A
-    if module.transposed:
-        dw = dw.T
-    shape = module.shape or module.storage_shape(bool(module.transposed))
-    return dw.reshape(shape).contiguous()
+    """weight · ΔW of ``module`` in its base tensor's shape and storage order, formed in ``dtype``
+    (float32 by default) on ``device``."""
+    return module.block(0, module.stored_shape[0], dtype=dtype, device=device, weight=weight).contiguous()
 
 
-def delta_bias(
-    module: LoraModule,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    weight: float = 1.0,
-) -> torch.Tensor | None:
-    """The change PEFT's ``lora_bias`` makes to the base bias: weight · scale · lora_B.bias."""
-    if module.bias is None:
-        return None
-    return module.bias.to(device=device, dtype=dtype) * (float(weight) * float(module.scale))
+def check_module_finite(m: LoraModule, *, path: Path | str | None = None) -> None:
+    """Every tensor behind a module (its delta's, DoRA magnitude, bias) must be finite."""
+    for role, t in m.delta.tensors().items():
+        check_finite(t, what=f"adapter tensor {role} of {m.target}", path=path)
+    for role, t in (("magnitude", m.magnitude), ("bias", m.bias)):
+        if t is not None:
+            check_finite(t, what=f"adapter tensor {role} of {m.target}", path=path)
 
 
 def check_finite(tensor: torch.Tensor, *, what: str, path: Path | str | None = None) -> None:
     """Raise NonFiniteError when a floating tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or tensor.element_size() == 1:
+        if tensor.is_floating_point():  # fp8: no isfinite kernel; the widened values tell the same
+            check_finite(tensor.float(), what=what, path=path)
+        return
+    if not bool(torch.isfinite(tensor).all()):
         nan = int(torch.isnan(tensor).sum())
         inf = int(torch.isinf(tensor).sum())
         raise NonFiniteError(

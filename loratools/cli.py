@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from . import __version__
-from .dtypes import DTYPE_CHOICES, short_name
+from .dtypes import DTYPE_CHOICES
 from .errors import LoraToolsError
-from .layout import LAYOUTS
+from .formats import READABLE, WRITABLE
+from .options import LAYOUTS
 
 
 class LoraToolsGroup(click.Group):
@@ -118,8 +118,7 @@ def _push_after(out: Path, repo: str | None, *, quiet: bool = False) -> None:
                    + (f"; deleted {len(result.deleted)} stale file(s)" if result.deleted else ""))
 
 
-FORMAT_NAMES = ["peft", "kohya", "diffusers", "mlx", "gguf", "raw"]
-from_option = click.option("--from", "from_format", type=click.Choice(FORMAT_NAMES), default=None,
+from_option = click.option("--from", "from_format", type=click.Choice(READABLE), default=None,
                            help="The adapters' format, when detection by content should be overridden.")
 allow_skip_option = click.option(
     "--allow-skip", is_flag=True,
@@ -325,7 +324,7 @@ def _report_modules(result: Any, as_json: bool, verb: str) -> None:
     click.echo(f"{verb}: {len(result.modules)} module(s){where}.")
 
 
-to_option = click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "mlx"]), default="peft",
+to_option = click.option("--to", "to", type=click.Choice(WRITABLE), default="peft",
                          show_default=True, help="Format of the written adapter.")
 
 
@@ -348,10 +347,12 @@ to_option = click.option("--to", "to", type=click.Choice(["peft", "kohya", "diff
 @click.option("--dry-run", is_flag=True, help="Compute and report; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Bind every adapter to this base first, so that kohya, diffusers and PEFT names of one module meet.")
 @push_to_option
 def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank: int | None, energy: float | None,
           density: float | None, seed: int, to: str, verify: bool, dry_run: bool, overwrite: bool,
-          as_json: bool, push_to: str | None) -> None:
+          as_json: bool, base: Path | None, push_to: str | None) -> None:
     """One adapter from several: ADAPTER... OUT.
 
     Everything is combined as ΔW — never A and B separately, which would add cross terms. svd
@@ -362,7 +363,7 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
 
     adapters, out = _split_out(paths, "stack")
     result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy, density=density,
-                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify)
+                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify, base=base)
     _report_modules(result, as_json, f"stack --method {method}")
     if not dry_run:
         _push_after(out, push_to, quiet=as_json)
@@ -435,7 +436,7 @@ def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layo
     or extra. Exits 0 when all hold, 1 when any does not, naming the failing tensors. Works on
     merges made by any tool.
     """
-    from .verify import round_trip as do_round_trip, verify_checkpoint
+    from .ops.check import round_trip as do_round_trip, verify_checkpoint
 
     if round_trip:
         rt = do_round_trip(base, list(paths), weights=list(weights) or None, layout=layout)
@@ -523,7 +524,7 @@ scale_option = click.option(
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "mlx", "gguf"]), required=True,
+@click.option("--to", "to", type=click.Choice(WRITABLE), required=True,
               help="Format to write (gguf needs --base and the gguf package).")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Base checkpoint to bind to (needed for raw factors whose orientation shapes cannot tell).")
@@ -574,24 +575,31 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
          allow_skip: bool, as_json: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
-    from .adapter import delta
-    from .ops.convert import inspect
+    import torch
 
-    seen = inspect(adapter, base=base, layout=layout, scale=scale, from_format=from_format, allow_skip=allow_skip)
+    from .adapter import delta
+    from .dtypes import short_name
+    from .options import Options
+    from .pipeline import inspect_adapter
+
+    opts = Options.build(layout=layout, from_format=from_format, allow_skip=allow_skip)
+    seen = inspect_adapter(adapter, opts, base=base, scale=scale)
     a = seen.adapter
     rows = []
     for target, m in sorted(a.modules.items()):
         dw = delta(m, dtype=torch.float64)
+        d = m.delta.describe()
         rows.append({
             "target": target,
             "kind": m.kind + (" (transposed)" if m.transposed else " (orientation open)" if m.transposed is None
                               and a.meta.get("factor_orientation") else ""),
+            "delta": d["kind"],
             "source_keys": list(m.source_keys),
             "rank": m.rank,
-            "alpha": m.alpha,
+            "alpha": d.get("alpha"),
             "scale": m.scale,
-            "dtype": short_name(m.A.dtype),
-            "shape": list(m.shape or m.storage_shape(bool(m.transposed))),
+            "dtype": short_name(m.delta.dtype),
+            "shape": list(m.stored_shape),
             "dora": m.magnitude is not None,
             "lora_bias": m.bias is not None,
             "delta_norm": float(torch.linalg.vector_norm(dw)),
@@ -603,7 +611,7 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         "modules": len(a.modules),
         "replacements": sorted(a.replacements),
         "parameters": a.parameter_count(),
-        "ranks": sorted({r["rank"] for r in rows}),
+        "ranks": sorted({r["rank"] for r in rows if r["rank"] is not None}),
         "bound_to": str(base) if base else None,
         "unbound": seen.unbound,
         "warnings": a.warnings,
@@ -636,7 +644,8 @@ def _module_table(rows: list[dict[str, Any]]) -> None:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
         extra = (" DoRA" if r["dora"] else "") + (" +bias" if r["lora_bias"] else "")
         click.echo(
-            f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank']:>4} {alpha:>8} {r['scale']:>9.4g}  "
+            f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank'] if r['rank'] is not None else '-':>4} "
+            f"{alpha:>8} {r['scale']:>9.4g}  "
             f"{r['dtype']:<5}  {r['delta_norm']:>10.4g}"
         )
 

@@ -17,7 +17,8 @@ so ``except FileNotFoundError`` keeps working for callers who do not know lorato
     ├── InvalidArgumentError        (ValueError)         arguments that contradict each other
     ├── VerificationError           (ValueError)         a written output does not hold what it should
     ├── ProvenanceError             (ValueError)         an adapter that was never merged into MERGED
-    └── HubError                    (OSError)            a Hub repo, revision or file that cannot be had
+    ├── HubError                    (OSError)            a Hub repo, revision or file that cannot be had
+    └── InternalError               (RuntimeError)       an invariant of loratools broke: a bug, please report
 
 The library never prints or exits; the CLI renders ``str(error)`` and exits 1.
 Each error keeps what its message names (``path``, ``tensor``, ``expected``, ``actual``) and an
@@ -45,6 +46,7 @@ __all__ = [
     "VerificationError",
     "ProvenanceError",
     "HubError",
+    "InternalError",
 ]
 
 
@@ -129,3 +131,11 @@ class ProvenanceError(LoraToolsError, ValueError):
 
 class HubError(LoraToolsError, OSError):
     pass
+
+
+class InternalError(LoraToolsError, RuntimeError):
+    """An invariant of loratools itself broke (not the user's input): the message asks for a report."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("hint", "This is a bug in loratools; please report it with the command you ran.")
+        super().__init__(f"internal error: {message}", **kwargs)

@@ -12,18 +12,56 @@ Orientation is settled here, once (DESIGN.md "Layouts and orientation"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from .adapter import Adapter, LoraModule
 from .errors import LayoutAmbiguousError, ShapeMismatchError, UnboundModuleError
+from .options import LAYOUTS
 
-LAYOUTS = {
-    "out-r-in": "factors (out,r) and (r,in); ΔW = first @ second",
-    "in-r-out": "factors (in,r) and (r,out); ΔW = (first @ second)ᵀ",
-    "linear-ab": "nn.Linear lora_A.weight (r,in) and lora_B.weight (out,r); ΔW = B @ A",
-}
+__all__ = ["LAYOUTS", "bind", "resolve_name", "split_key", "PAIRS", "DOWN_NAMES", "is_conv1d_target"]
+
+# Raw factor pairs: names that mark LoRA factors; the order inside a pair says nothing about orientation
+PAIRS: list[tuple[str, str]] = [
+    ("lora_a", "lora_b"),
+    ("lora_A", "lora_B"),
+    ("lora_down", "lora_up"),
+    ("lora_u", "lora_v"),
+    ("U", "V"),
+]
+# which member of a pair is the "A" (down) factor in nn.Linear convention, for --layout linear-ab
+DOWN_NAMES = {"lora_a", "lora_A", "lora_down"}
+FACTOR_NAMES = {n for pair in PAIRS for n in pair}
+
+# Architectures whose projections are transformers' Conv1D (weights stored (in, out)); PEFT turns
+# fan_in_fan_out on for these layers by itself. From `grep -l "Conv1D(" transformers/models/*/modeling_*.py`.
+CONV1D_ARCHS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
+CONV1D_MODULES = {"c_attn", "q_attn", "c_proj", "c_fc"}
+
+ConfigSource = Mapping[str, Any] | Callable[[str], Mapping[str, Any]] | None
+
+
+def config_for(base_config: ConfigSource, name: str) -> Mapping[str, Any]:
+    """The config of the model that holds tensor ``name`` (a pipeline has one per component)."""
+    if callable(base_config):
+        return base_config(name) or {}
+    return base_config or {}
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(prefix, factor name) for a raw factor key, ``None`` for any other key.
+
+    A whole PEFT model's ``state_dict()`` names its factors ``….lora_A.<adapter>.weight``: the
+    adapter name is dropped (two adapters on one module then collide and are reported)."""
+    stem = key.removesuffix(".weight")
+    prefix, _, last = stem.rpartition(".")
+    if last in FACTOR_NAMES:
+        return prefix, last
+    outer, _, middle = prefix.rpartition(".")
+    if middle in FACTOR_NAMES and key.endswith(".weight") and last.isidentifier():
+        return outer, middle
+    return None
 
 
 def resolve_name(target: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -65,10 +103,8 @@ def sibling_target(m: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> str 
     return fits[0] if fits else None
 
 
-def is_conv1d_target(name: str, base_config: Mapping[str, Any] | None) -> bool:
-    from .formats.peft import CONV1D_ARCHS, CONV1D_MODULES
-
-    model_type = (base_config or {}).get("model_type")
+def is_conv1d_target(name: str, base_config: ConfigSource) -> bool:
+    model_type = config_for(base_config, name).get("model_type")
     module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
     return model_type in CONV1D_ARCHS and module in CONV1D_MODULES
 
@@ -149,8 +185,10 @@ def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
         groups = m.fan_in // max(1, math.prod(m.kernel)) // max(1, shape[1])
         if groups > 1:
             extra = f" (a grouped conv with {groups} groups? grouped-conv LoRA is not a plain delta)"
+    factors = ", ".join(f"{role} {tuple(t.shape)}" for role, t in m.delta.tensors().items())
+    rank = f", rank {m.rank}" if m.rank is not None else ""
     raise ShapeMismatchError(
-        f"Adapter module {m.target} (A {tuple(m.A.shape)}, B {tuple(m.B.shape)}, rank {m.rank}) does not fit "
+        f"Adapter module {m.target} ({factors}{rank}) does not fit "
         f"base tensor {m.target} of shape {tuple(shape)}: it needs {m.storage_shape(bool(m.transposed))}{extra}.",
         tensor=m.target,
         expected=m.storage_shape(bool(m.transposed)),
@@ -163,8 +201,6 @@ def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
     """Raw factor pairs: the base is a plain (out, in) weight, so a transposed product means the
     factors were stored transposed: keep ΔW, store A (r, in) and B (out, r) like every other format."""
     if layout == "linear-ab":
-        from .formats.raw import DOWN_NAMES, split_key
-
         second = split_key(m.source_keys[1]) if len(m.source_keys) > 1 else None
         if m.transposed or second is None or second[1] not in DOWN_NAMES:
             raise LayoutAmbiguousError(
@@ -176,7 +212,7 @@ def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
             )
     if not m.transposed:
         return m
-    return replace(m, A=m.B.T.contiguous(), B=m.A.T.contiguous(), transposed=False,
+    return replace(m, delta=m.delta.T.map(lambda t: t.contiguous()), transposed=False,
                    source_keys=tuple(reversed(m.source_keys)))
 
 
@@ -184,7 +220,7 @@ def bind(
     adapter: Adapter,
     shapes: Mapping[str, tuple[int, ...]],
     *,
-    base_config: Mapping[str, Any] | None = None,
+    base_config: ConfigSource = None,
     layout: str | None = None,
 ) -> Adapter:
     """Return ``adapter`` with every module's ``target``, ``shape`` and ``transposed`` settled.
@@ -266,7 +302,8 @@ def bind(
                             "out; apply the adapter to that component's checkpoint too")
             missing = [t for t in missing if t not in elsewhere]
     if missing:
-        tied = (base_config or {}).get("tie_word_embeddings") and any(t.endswith("lm_head.weight") for t in missing)
+        tied = any(t.endswith("lm_head.weight") and config_for(base_config, t).get("tie_word_embeddings")
+                   for t in missing)
         raise UnboundModuleError(
             f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
             + (" …" if len(missing) > 6 else "")

@@ -1,4 +1,5 @@
-"""Numerical verification of written outputs against a float64 reference.
+"""Numerical verification of written outputs against a float64 reference (the checks; the
+pipeline decides when they run, ``ops/check.py`` is the ``verify`` command).
 
 For every tensor an operation changed, the reference is computed again in float64 from the base
 and the adapters; the written value must lie within
@@ -14,18 +15,19 @@ operation did not change must be bit-identical to its source: their bytes are co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
-from .dtypes import BY_ST
-from .adapter import LoraModule, delta
+from .adapter import LoraModule
 from .checkpoint.reader import Checkpoint
-from .ops.execute import apply_ops, row_blocks, slice_op
-from .ops.plan import Op, Plan, TensorPlan
+from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
+from .deltas import LowRank
+from .dtypes import BY_ST
+from .ops.edits import Compute, apply_edits, error_bound, row_blocks
+from .ops.plan import Plan, TensorPlan
 
 # (mantissa bits, smallest normal exponent) per floating dtype
 VERIFY_CHUNK = 1 << 20  # elements per block: small enough to stay in cache
@@ -110,48 +112,19 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     return True
 
 
-def error_bound(t_ops: list[Op], W: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-element bound (float32) on |computed − ref| from the float32 arithmetic, before rounding."""
-    u = 2.0**-24
-    dora = [op.module for op in t_ops if op.kind == "dora" and op.module is not None]
-    if dora:
-        m = dora[0]
-        return torch.full(ref.shape, (m.fan_in + m.rank + 4) * u * float(ref.abs().max()))
-    mag = torch.zeros(ref.shape) if any(op.kind == "replace" for op in t_ops) else W.abs().float()
-    r_total = 0
-    for op in t_ops:
-        if op.kind == "replace" and op.tensor is not None:
-            mag = op.tensor.float().abs()  # what came before is overwritten
-        elif op.kind == "dora_undo" and op.module is not None and op.tensor is not None:
-            m = op.module
-            view = [1] * mag.dim()
-            view[m.dora_axis] = -1
-            mag = mag * (op.tensor.float() / m.magnitude.float()).abs().reshape(view)
-            r_total += m.rank + 2
-            mag += delta(m.with_(A=m.A.float().abs(), B=m.B.float().abs(), scale=abs(m.scale)))
-        elif op.kind == "delta" and op.module is not None:
-            m = op.module
-            r_total += m.rank
-            mag += delta(m.with_(A=m.A.float().abs(), B=m.B.float().abs(), scale=abs(m.scale)), weight=abs(op.weight))
-        elif op.kind == "bias" and op.module is not None and op.module.bias is not None:
-            mag += op.module.bias.float().abs() * abs(op.weight * op.module.scale)
-    # 1.01: the bound itself is evaluated in float32
-    return mag.mul_(1.01 * (r_total + 2 + len(t_ops)) * u)
-
-
 def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool = False) -> TensorCheck:
     """Compare one written tensor with the float64 reference, in row blocks."""
     out_dtype = BY_ST[t.out_dtype].torch
     src = plan.base.get(t.name)
     got_all = load_tensor(written)
-    cpu = torch.device("cpu")
+    c64 = Compute(torch.float64, torch.device("cpu"))
     max_ulps = max_err = max_ref = 0.0
     bad = 0
     scalar = src.dim() == 0
-    for i, j in ([(0, 1)] if scalar else row_blocks(t, VERIFY_CHUNK)):
-        ops = t.ops if scalar else [slice_op(op, i, j) for op in t.ops]
+    for i, j in ([(0, 1)] if scalar else row_blocks(tuple(src.shape), t.ops, VERIFY_CHUNK)):
+        ops = t.ops if scalar else [e.slice(i, j) for e in t.ops]
         W = src if scalar else src[i:j]
-        ref = apply_ops(W.to(torch.float64), ops, dtype=torch.float64, device=cpu)
+        ref = apply_edits(W.to(torch.float64), ops, c64)
         got = got_all if scalar else got_all[i:j]
         err = (got.to(torch.float64) - ref).abs_()
         if out_dtype in _FLOAT_FACTS:
@@ -188,7 +161,7 @@ def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = Fa
     undo = plan.undo_in
     if t.ops and plan.exact_undo and undo is not None and t.name in undo.patches:
         # restored bit for bit: the original's sha256 recorded at merge time is the reference
-        from .ops.undo import tensor_sha256
+        from .ops.undo import tensor_sha256  # noqa: PLC0415 (undo data is read only here)
 
         ok = tensor_sha256(load_tensor(info)) == undo.sha256.get(t.name)
         return TensorCheck(t.name, t.out_dtype, "ok" if ok else "FAIL", "restored")
@@ -228,8 +201,12 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
     """Random inputs through one targeted layer: the adapter applied un-merged, the way the layer
     runs it (x → A → B, never through :func:`loratools.delta`), against the merged weight."""
     g = torch.Generator().manual_seed(seed)
-    A, B = m.A.double(), m.B.double()
-    s = m.scale * weight
+    d = m.delta
+    if isinstance(d, LowRank):  # the layer's own path: x → A → B
+        A, B, s = d.A.double(), d.B.double(), d.scale * weight
+    else:  # other kinds: their ΔW as a factor pair (ΔW, I)
+        A, B, s = torch.eye(m.fan_in, dtype=torch.float64), d.matrix(dtype=torch.float64), weight
+    rank = int(A.shape[0])
     W64, M64 = W.double(), merged.double()
     mant = _FLOAT_FACTS.get(BY_ST[dtype].torch, (52, 0))[0]
     u = 2.0**-24
@@ -237,28 +214,28 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
         idx = torch.randint(0, W.shape[0], (n,), generator=g)
         ref = W64[idx] + s * (A[:, idx].T @ B.T)
         got = M64[idx]
-        bound = 2.0**-mant * got.abs() + (m.rank + 4) * u * (W64[idx].abs() + abs(s) * (A[:, idx].T.abs() @ B.T.abs()))
+        bound = 2.0**-mant * got.abs() + (rank + 4) * u * (W64[idx].abs() + abs(s) * (A[:, idx].T.abs() @ B.T.abs()))
         if m.magnitude is not None:  # DoRA on an embedding (PEFT): normed per embedding dimension, over the vocabulary
             norm = torch.linalg.vector_norm(W64 + s * (A.T @ B.T), dim=0)
             ref = ref * (m.magnitude.double() / norm)
-            bound = (4 * 2.0**-mant + (W.shape[0] + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+            bound = (4 * 2.0**-mant + (W.shape[0] + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
     elif m.kind == "conv":
         k = m.kernel
         pad = [d // 2 for d in k]
         conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[len(k)]
         x = torch.randn(2, W.shape[1], *[d + 4 for d in k], generator=g, dtype=torch.float64)
-        down = A.reshape(m.rank, W.shape[1], *k)
-        up = B.reshape(m.fan_out, m.rank, *([1] * len(k)))
+        down = A.reshape(rank, W.shape[1], *k)
+        up = B.reshape(m.fan_out, rank, *([1] * len(k)))
         ref = conv(x, W64, padding=pad) + s * conv(conv(x, down, padding=pad), up)
         got = conv(x, M64, padding=pad)
         mag = conv(x.abs(), M64.abs(), padding=pad)
-        bound = 2.0**-mant * mag + (m.rank + 4 + W[0].numel()) * u * (
+        bound = 2.0**-mant * mag + (rank + 4 + W[0].numel()) * u * (
             conv(x.abs(), W64.abs(), padding=pad) + abs(s) * conv(conv(x.abs(), down.abs(), padding=pad), up.abs()))
         if m.magnitude is not None:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
-            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, m.rank), down)
+            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, rank), down)
             norm = torch.linalg.vector_norm(effective.reshape(m.fan_out, -1), dim=1)
             ref = ref * (m.magnitude.double() / norm).reshape(1, -1, *([1] * len(k)))
-            bound = (4 * 2.0**-mant + (W[0].numel() + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+            bound = (4 * 2.0**-mant + (W[0].numel() + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
     else:
         t = bool(m.transposed)
         x = torch.randn(n, m.fan_in, generator=g, dtype=torch.float64)
@@ -272,55 +249,15 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
             norm = torch.linalg.vector_norm(effective, dim=0 if per_input else 1, keepdim=True)
             factor = m.magnitude.double().reshape(norm.shape) / norm
             ref = x @ (effective * factor).T
-            bound = (4 * 2.0**-mant + (m.fan_in + m.rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+            bound = (4 * 2.0**-mant + (m.fan_in + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
         else:
-            bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (m.rank + 4) * u * (
+            bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (rank + 4) * u * (
                 x.abs() @ (W64.abs() if t else W64.abs().T) + abs(s) * ((x.abs() @ A.abs().T) @ B.abs().T))
     err = (got - ref).abs()
     bad = int((err > bound * 1.0001).sum())
     return TensorCheck(m.target, dtype, "ok" if bad == 0 else "FAIL", "forward",
                        max_ulps=float((err / bound.clamp_min(1e-300)).max()),
                        rel_err=float(err.max()) / (float(ref.abs().max()) or 1.0), mismatched=bad, numel=err.numel())
-
-
-def verify_checkpoint(
-    base: str | Path,
-    adapters: Sequence[str | Path],
-    merged: str | Path,
-    *,
-    weights: Sequence[float] | None = None,
-    layout: str | None = None,
-    forward: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> VerifyReport:
-    """MERGED == round(BASE + Σ wᵢ·ΔWᵢ) tensor by tensor; every other tensor bit-identical; no
-    tensor missing or extra. With ``forward`` also :func:`forward_check` on every LoRA module.
-    A diffusers pipeline folder is verified component by component (tensor names ``unet/…``)."""
-    from .checkpoint.reader import open_checkpoint
-    from .hub import resolve
-    from .ops.merge import load_inputs, pipeline_components, pipeline_plans
-    from .ops.plan import build_plan, collect_ops, weights_per_adapter
-
-    ws = weights_per_adapter(adapters, weights)
-    base, merged = resolve(base), resolve(merged)
-    adapters = [resolve(a, kind="adapter") for a in adapters]
-    components = pipeline_components(Path(base))
-    if components is None:
-        ckpt, inputs = load_inputs(base, [(adapters, ws, 1.0)], layout=layout)
-        return check_against(build_plan("verify", ckpt, inputs, collect_ops(inputs)), open_checkpoint(merged),
-                             forward=forward, progress=progress)
-    plans = pipeline_plans("verify", Path(base), components, [(adapters, ws, 1.0)], layout=layout, from_format=None,
-                           allow_skip=False, base_model=None, out_dtype=None, limit=None,
-                           single_file=False, reversible=False, force=False, exact=True)
-    report = VerifyReport()
-    for component in components:
-        out = open_checkpoint(Path(merged) / component)
-        if component in plans:
-            part = check_against(plans[component], out, forward=forward, progress=progress)
-        else:  # untouched: every tensor must be the base's, bit for bit
-            part = check_against(build_plan("verify", open_checkpoint(Path(base) / component), [], {}), out)
-        report.checks += [replace(c, name=f"{component}/{c.name}") for c in part.checks]
-    return report
 
 
 def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
@@ -351,51 +288,3 @@ def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
                     report.checks.append(forward_check(m, ckpt.get(target), out.get(target), weight=ai.weight,
                                                        dtype=out.tensors[target].dtype, seed=len(report.checks)))
     return report
-
-
-@dataclass
-class RoundTrip:
-    tensors: int
-    elements: int
-    bit_exact: int
-    max_ulps: float
-    reversible_overhead: int
-    reversible_exact: bool
-    weights_bytes: int
-
-
-def round_trip(base: str | Path, adapters: Sequence[str | Path], *, weights: Sequence[float] | None = None,
-               layout: str | None = None, device: str = "auto", workdir: str | Path | None = None) -> RoundTrip:
-    """merge, unmerge, and report how far BASE came back (ulps, fraction of bit-exact elements);
-    then the same with ``--reversible``, which must come back bit for bit, and its size overhead."""
-    import shutil
-    import tempfile
-
-    from .checkpoint.reader import open_checkpoint
-    from .ops.merge import merge, unmerge
-
-    tmp = Path(tempfile.mkdtemp(prefix="loratools-roundtrip-", dir=workdir))
-    try:
-        name = "m.safetensors" if Path(base).suffix == ".safetensors" else "m"
-        back_name = "b.safetensors" if name.endswith(".safetensors") else "b"
-        opts = dict(layout=layout, device=device, verify=False)
-        merged = merge(base, adapters, tmp / name, weights=weights, reversible=True, **opts)  # type: ignore[arg-type]
-        unmerge(tmp / name, adapters, tmp / back_name, exact=False, **opts)  # type: ignore[arg-type]
-        orig, back = open_checkpoint(base), open_checkpoint(tmp / back_name)
-        changed = set(merged.changed)
-        exact = elements = 0
-        worst = 0.0
-        for n in changed:
-            a, b = orig.get(n), back.get(n)
-            elements += a.numel()
-            exact += int((a == b).sum())
-            if a.dtype in _FLOAT_FACTS:
-                worst = max(worst, float(((a.double() - b.double()).abs() / ulp(a.double(), a.dtype)).max()))
-        shutil.rmtree(tmp / back_name) if (tmp / back_name).is_dir() else (tmp / back_name).unlink()
-        unmerge(tmp / name, adapters, tmp / back_name, exact=True, **opts)  # type: ignore[arg-type]
-        back = open_checkpoint(tmp / back_name)
-        bit_exact = all(torch.equal(orig.get(n).reshape(-1).view(torch.uint8), back.get(n).reshape(-1).view(torch.uint8))
-                        for n in changed)
-        return RoundTrip(len(changed), elements, exact, worst, merged.undo_bytes, bit_exact, merged.bytes_written)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ def test_cuda_merge_matches_cpu_within_rounding(bases, adapters, tmp_path: Path)
 
 
 def test_auto_device_picks_cuda(bases, adapters, tmp_path: Path) -> None:
-    from loratools.ops.execute import resolve_device
+    from loratools.options import resolve_device
 
     assert resolve_device("auto").type == "cuda"
     result = loratools.merge(bases["llama"], [adapters["dora"]], tmp_path / "m", device="auto")

@@ -193,10 +193,10 @@ def test_pattern_that_matches_nothing_is_reported(bases, adapters, tmp_path: Pat
 def test_load_adapter_returns_canonical_modules(bases, adapters) -> None:
     a = loratools.load_adapter(adapters["patterns"], base=bases["llama"])
     q1 = a.modules["model.layers.1.self_attn.q_proj.weight"]
-    assert q1.rank == 2 and q1.alpha == 5 and q1.scale == 2.5
+    assert q1.rank == 2 and q1.delta.alpha == 5 and q1.scale == 2.5 and q1.delta.kind == "lowrank"
     k0 = a.modules["model.layers.0.self_attn.k_proj.weight"]
-    assert (k0.rank, k0.alpha, k0.scale) == (6, 8, 8 / 6)
-    assert k0.A.shape == (6, 64) and k0.B.shape == (32, 6) and k0.shape == (32, 64)
+    assert (k0.rank, k0.delta.alpha, k0.scale) == (6, 8, 8 / 6)
+    assert k0.delta.A.shape == (6, 64) and k0.delta.B.shape == (32, 6) and k0.shape == (32, 64)
     emb = loratools.load_adapter(adapters["embedding"], base=bases["llama"]).modules["model.embed_tokens.weight"]
-    assert emb.kind == "embedding" and emb.transposed and emb.A.shape == (4, 256) and emb.B.shape == (64, 4)
+    assert emb.kind == "embedding" and emb.transposed and emb.delta.A.shape == (4, 256) and emb.delta.B.shape == (64, 4)
     assert loratools.delta(emb).shape == (256, 64)

@@ -119,7 +119,7 @@ def test_square_modules_follow_the_non_square_ones(tmp_path: Path) -> None:
         a = loratools.load_adapter(save_net(net, tmp_path / f"{style}.safetensors"))
         assert set(a.modules) == {"first.weight", "second.weight"}
         for m in a.modules.values():
-            assert m.transposed is False and m.A.shape[1] == m.shape[1] and m.B.shape[0] == m.shape[0]
+            assert m.transposed is False and m.delta.A.shape[1] == m.shape[1] and m.delta.B.shape[0] == m.shape[0]
         expected = (net.second.lora_a @ net.second.lora_b) if style == "out-r-in" else (
             net.second.lora_A @ net.second.lora_B).T
         assert torch.allclose(loratools.delta(a.modules["second.weight"]), expected.detach(), atol=1e-6)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import loratools
 from loratools.cli import cli
-from loratools.verify import verify_checkpoint
+from loratools.ops.check import verify_checkpoint
 from tests import models
 
 
@@ -104,20 +104,19 @@ def test_a_merge_made_by_peft_verifies_clean(bases, adapters, tmp_path: Path) ->
 
 
 def test_transposed_delta_passes_a_self_check_but_not_forward(bases, adapters, tmp_path: Path, monkeypatch) -> None:
-    """Simulate an orientation bug in the one ΔW function: merge and its own verification agree with
-    each other (both use it); --forward, which runs x → A → B through the layer, does not."""
-    from loratools import adapter as adapter_module
-    from loratools import verify as verify_module
-    from loratools.ops import execute as execute_module
+    """Simulate an orientation bug in the one ΔW function of the low-rank kind: merge and its own
+    verification agree with each other (both use it); --forward, which runs x → A → B through the
+    layer, does not."""
+    from loratools.deltas import LowRank
 
-    real = adapter_module.delta
+    real = LowRank.rows
 
-    def transposed_on_square(m, **kw):  # noqa: ANN001, ANN003
-        d = real(m, **kw)
-        return d.T.contiguous() if d.dim() == 2 and d.shape[0] == d.shape[1] else d
+    def transposed_on_square(self, i, j, **kw):  # noqa: ANN001, ANN003
+        if self.out_features != self.in_features:
+            return real(self, i, j, **kw)
+        return real(self, 0, self.out_features, **kw).T[i:j]
 
-    for module in (execute_module, verify_module):
-        monkeypatch.setattr(module, "delta", transposed_on_square)
+    monkeypatch.setattr(LowRank, "rows", transposed_on_square)
     out = tmp_path / "m"
     result = loratools.merge(bases["llama"], [adapters["all-linear"]], out, device="cpu")
     assert result.verify.ok  # the naive self-check repeats the mistake

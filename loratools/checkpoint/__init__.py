@@ -1,5 +1,2 @@
-"""Base checkpoints: lazy, sharded, pickle-safe reading (reader.py) and atomic writing (writer.py)."""
-
-from .reader import Checkpoint, open_checkpoint
-
-__all__ = ["Checkpoint", "open_checkpoint"]
+"""Base checkpoints: lazy, sharded, pickle-safe reading (reader.py), the safetensors layer
+(safetensors_io.py) and atomic writing (writer.py). Importing the package imports none of them."""

@@ -1,5 +1,6 @@
-"""Helpers the format modules share: how per-module scales are expressed in formats that have one
-global scale, PEFT-style rank/alpha patterns, and the component prefixes of diffusers pipelines."""
+"""Helpers the format modules share: grouping a file's keys by suffix (every reader consumes every
+key or names the leftovers), how per-module scales are expressed in formats that have one global
+scale, PEFT-style rank/alpha patterns, and the component prefixes of diffusers pipelines."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import math
 import re
 from collections import Counter
 
-import torch
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 from ..adapter import LoraModule
+from ..deltas import LowRank
+from ..errors import AdapterFormatError, InternalError
 
 # components of a diffusers pipeline, as target-name prefixes, and the kohya prefix of each
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
@@ -33,13 +37,62 @@ def default_component(base_config: dict | None) -> str:
     return "unet"
 
 
+def suffix_splitter(suffixes: Mapping[str, str]) -> Callable[[str], tuple[str, str] | None]:
+    """A key splitter for :func:`group_keys`: (stem, role) for the longest suffix a key ends with."""
+    ordered = sorted(suffixes.items(), key=lambda kv: len(kv[0]), reverse=True)
+
+    def split(key: str) -> tuple[str, str] | None:
+        for suffix, role in ordered:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                return key[: -len(suffix)], role
+        return None
+
+    return split
+
+
+def group_keys(keys: Iterable[str], split: Callable[[str], tuple[str, str] | None] | Mapping[str, str]) -> tuple[
+        dict[str, dict[str, str]], list[str]]:
+    """Keys grouped by module stem: ``{stem: {role: key}}``, and the keys no rule claims.
+
+    ``split`` is a function key → (stem, role) | None, or a mapping suffix → role. A role seen
+    twice for one stem is an AdapterFormatError (two tensors claiming one place)."""
+    splitter = suffix_splitter(split) if isinstance(split, Mapping) else split
+    groups: dict[str, dict[str, str]] = {}
+    leftovers: list[str] = []
+    for key in keys:
+        parts = splitter(key)
+        if parts is None:
+            leftovers.append(key)
+            continue
+        stem, role = parts
+        if role in groups.get(stem, {}):
+            raise AdapterFormatError(f"{key} and {groups[stem][role]} are both the {role} of {stem}.", tensor=key)
+        groups.setdefault(stem, {})[role] = key
+    return groups, leftovers
+
+
+def refuse_leftovers(leftovers: list[str], path: Path, *, what: str = "keys loratools does not understand",
+                     hint: str = "Nothing was written.") -> None:
+    """Raise AdapterFormatError naming up to eight leftover keys (a reader consumes every key)."""
+    if leftovers:
+        names = sorted(leftovers)
+        raise AdapterFormatError(f"{path}: {len(names)} {what}: {', '.join(names[:8])}"
+                                 + (" …" if len(names) > 8 else "") + ".", path=path, hint=hint)
+
+
+def lowrank(m: LoraModule) -> LowRank:
+    """The module's low-rank delta (writers are only called with kinds their format declared)."""
+    if not isinstance(m.delta, LowRank):
+        raise InternalError(f"{m.target}: a {m.delta.kind} delta reached a writer of low-rank factors")
+    return m.delta
+
+
 def alpha_of(m: LoraModule) -> float:
     """The alpha that reproduces the module's scale with alpha / r."""
-    if m.alpha is not None and math.isclose(m.alpha / m.rank, m.scale, rel_tol=1e-12, abs_tol=0.0):
-        return float(m.alpha)
-    return float(m.scale * m.rank)
-
-
+    d = lowrank(m)
+    if d.alpha is not None and math.isclose(d.alpha / d.rank, d.scale, rel_tol=1e-12, abs_tol=0.0):
+        return float(d.alpha)
+    return float(d.scale * d.rank)
 def pattern_config(modules: dict[str, LoraModule]) -> dict:
     """PEFT-style r / lora_alpha with rank_pattern / alpha_pattern for the modules that differ.
 
@@ -60,22 +113,13 @@ def pattern_config(modules: dict[str, LoraModule]) -> dict:
 
 def fold_scale(m: LoraModule, scale: float) -> LoraModule:
     """The same ΔW expressed with ``scale``: the ratio of the scales is folded into B."""
-    if m.scale == scale:
-        return m
-    factor = m.scale / scale
-    B = (m.B.double() * factor).to(m.B.dtype) if m.B.dtype != torch.float64 else m.B * factor
-    return m.with_(B=B, scale=scale, alpha=scale * m.rank)
+    return m.with_(delta=lowrank(m).with_scale(scale))
 
 
 def pad_rank(m: LoraModule, rank: int) -> LoraModule:
     """Zero rows in A and columns in B up to ``rank``: ΔW is unchanged (a format with one global
     rank can then hold it)."""
-    extra = rank - m.rank
-    if extra <= 0:
-        return m
-    A = torch.cat([m.A, torch.zeros(extra, m.A.shape[1], dtype=m.A.dtype)], dim=0)
-    B = torch.cat([m.B, torch.zeros(m.B.shape[0], extra, dtype=m.B.dtype)], dim=1)
-    return m.with_(A=A, B=B)
+    return m.with_(delta=lowrank(m).padded(rank))
 
 
 def most_common(values: list) -> object:

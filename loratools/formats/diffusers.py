@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
-from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from .common import component_of, default_component, pattern_config
+from ..errors import AdapterFormatError, AdapterNotFoundError
+from ..jsonio import load_json
+from .common import component_of, default_component, group_keys, lowrank, pattern_config, refuse_leftovers
 from .peft import get_pattern_key
 
 NAME = "diffusers"
@@ -50,9 +51,12 @@ def detect(path: Path) -> bool:
     if path.is_dir() and (path / "adapter_config.json").exists():
         return False  # a PEFT folder
     try:
-        names = list(read_header(_file(path)).tensors)
-    except Exception:
+        f = _file(path)
+    except AdapterNotFoundError:
         return False
+    if f.suffix != ".safetensors":
+        return False
+    names = list(read_header(f).tensors)
     return any(component_of(n)[0] is not None and (n.endswith(tuple(ROLES)) or OLD.match(n)) for n in names)
 
 
@@ -60,7 +64,7 @@ def _components_config(metadata: dict[str, str]) -> dict[str, dict]:
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    flat = json.loads(raw)
+    flat = load_json(raw, what=f"metadata {METADATA_KEY}")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
@@ -71,26 +75,30 @@ def _components_config(metadata: dict[str, str]) -> dict[str, dict]:
 def read(path: Path, **_: object) -> Adapter:
     f = _file(path)
     header = read_header(f)
-    configs = _components_config(header.metadata)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    leftovers: list[str] = []
-    for key, info in header.tensors.items():
-        t = load_tensor(info)
-        check_finite(t, what=f"adapter tensor {key}", path=f)
+    try:
+        configs = _components_config(header.metadata)
+    except AdapterFormatError as e:
+        raise type(e)(f"{f}: {e.message}", path=f, hint=e.hint) from None
+    by_suffix = {suffix: role for suffix, role in ROLES.items()}
+
+    def split(key: str) -> tuple[str, str] | None:
         old = OLD.match(key)
         if old:
             proj = old["proj"] + (".0" if old["proj"] == "to_out" else "")
-            groups.setdefault(f"{old['parent']}.{proj}", {})["A" if old["role"] == "down" else "B"] = (key, t)
-            continue
-        for suffix, role in ROLES.items():
+            return f"{old['parent']}.{proj}", "A" if old["role"] == "down" else "B"
+        for suffix, role in by_suffix.items():
             if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[role] = (key, t)
-                break
-        else:
-            leftovers.append(key)
-    if leftovers:
-        raise AdapterFormatError(f"{f}: keys loratools does not understand: {', '.join(leftovers[:8])}.", path=f,
-                                 hint="Nothing was written.")
+                return key[: -len(suffix)], role
+        return None
+
+    named, leftovers = group_keys(header.tensors, split)
+    refuse_leftovers(leftovers, f)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for stem, roles in named.items():
+        for role, key in roles.items():
+            t = load_tensor(header.tensors[key])
+            check_finite(t, what=f"adapter tensor {key}", path=f)
+            groups.setdefault(stem, {})[role] = (key, t)
     modules: dict[str, LoraModule] = {}
     for module, roles in sorted(groups.items()):
         if "A" not in roles or "B" not in roles:
@@ -108,9 +116,8 @@ def read(path: Path, **_: object) -> Adapter:
             alpha = float(r)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         kernel = tuple(int(s) for s in A.shape[2:])
-        modules[module + ".weight"] = LoraModule(
-            target=module + ".weight", A=A.reshape(r, -1), B=B.reshape(B.shape[0], r), scale=scale, alpha=alpha,
-            kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
+        modules[module + ".weight"] = lowrank_module(
+            module + ".weight", A.reshape(r, -1), B.reshape(B.shape[0], r), scale, alpha, kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
             magnitude=roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None,
             bias=roles["bias"][1].reshape(-1) if "bias" in roles else None,
             bias_target=module + ".bias" if "bias" in roles else None,
@@ -127,23 +134,18 @@ def read(path: Path, **_: object) -> Adapter:
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
           **_: object) -> list[Path]:
     """One diffusers LoRA file: PEFT-style keys, alphas in ``lora_adapter_metadata`` per component."""
-    if adapter.replacements:
-        raise UnsupportedAdapterError(
-            f"diffusers LoRA files cannot hold full tensors ({', '.join(sorted(adapter.replacements)[:4])}).",
-            hint="Convert to peft instead.")
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, LoraModule]] = {}
     added = ""
     for target, m in sorted(adapter.modules.items()):
-        if m.kind == "embedding" or m.transposed:
-            raise UnsupportedAdapterError(f"diffusers LoRA has no form for {target} ({m.kind}).", tensor=target)
         module = target.removesuffix(".weight")
         component, rel = component_of(module)
         if component is None:  # diffusers needs a component; remember that we added it
             component = default_component(base_config)
             module, added = f"{component}.{module}", component
-        tensors[f"{module}.lora_A.weight"] = m.A.reshape(m.rank, -1, *m.kernel).contiguous()
-        tensors[f"{module}.lora_B.weight"] = m.B.reshape(m.fan_out, m.rank, *([1] * len(m.kernel))).contiguous()
+        d = lowrank(m)
+        tensors[f"{module}.lora_A.weight"] = d.A.reshape(d.rank, -1, *m.kernel).contiguous()
+        tensors[f"{module}.lora_B.weight"] = d.B.reshape(m.fan_out, d.rank, *([1] * len(m.kernel))).contiguous()
         if m.magnitude is not None:
             tensors[f"{module}.lora_magnitude_vector"] = m.magnitude.contiguous()
         if m.bias is not None:

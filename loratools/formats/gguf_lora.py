@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..errors import AdapterFormatError, AdapterNotFoundError, InvalidArgumentError, UnsupportedAdapterError
-from .common import fold_scale, most_common
+from ..jsonio import load_json
+from .common import fold_scale, group_keys, lowrank, most_common
 
 NAME = "gguf"
 FILE = "adapter.gguf"
@@ -105,18 +106,9 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     if base_config is None:
         raise InvalidArgumentError("Writing GGUF needs the base model (--base): its config gives the architecture and "
                                    "llama.cpp's tensor names.")
-    if adapter.replacements:
-        raise UnsupportedAdapterError(
-            "llama.cpp rejects full tensors in a LoRA GGUF: " + ", ".join(sorted(adapter.replacements)[:4]) + ".",
-            hint="Merge those tensors into the base instead.")
     gguf = _gguf()
     tmap, arch_name, permute = _name_map(base_config)
     mods = adapter.modules
-    for target, m in mods.items():
-        if m.magnitude is not None or m.bias is not None or m.kind == "conv" or (m.transposed and m.kind != "embedding"):
-            raise UnsupportedAdapterError(f"llama.cpp's LoRA has no form for {target} "
-                                          f"({'DoRA' if m.magnitude is not None else 'lora_bias' if m.bias is not None else m.kind}).",
-                                          tensor=target)
     alpha = float(most_common([m.rank for m in mods.values()])) if mods else 1.0
     writer = gguf.GGUFWriter(str(out / FILE), arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -127,8 +119,8 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         gname = tmap.get_name(target, try_suffixes=(".weight",))
         if gname is None:
             raise UnsupportedAdapterError(f"{target} has no llama.cpp tensor name for {arch_name}.", tensor=target)
-        m = fold_scale(m, alpha / m.rank)  # llama.cpp applies alpha / rank to every pair
-        A, B = m.A.float(), m.B.float()
+        d = lowrank(fold_scale(m, alpha / m.rank))  # llama.cpp applies alpha / rank to every pair
+        A, B = d.A.float(), d.B.float()
         heads = _heads(target, base_config) if permute else None
         if heads:
             B = _permute(B, heads)
@@ -165,21 +157,24 @@ def read(path: Path, *, base_config: dict | None = None, **_: Any) -> Adapter:
         raise AdapterFormatError(f"{f} is a GGUF file but not a LoRA adapter (general.type = "
                                  f"{field('general.type')!r}).", path=f)
     alpha = float(field("adapter.lora.alpha") or 0.0)
-    hf_names = json.loads(field("loratools.hf_names") or "{}")
+    hf_names = load_json(field("loratools.hf_names") or "{}", where=f, what="metadata loratools.hf_names")
     config = base_config or {}
     arch = field("general.architecture")
     permute = {gguf_name: p for gguf_name, p in ARCHS.values()}.get(arch, False)
     n_head = field("loratools.n_head") or config.get("num_attention_heads")
     n_head_kv = field("loratools.n_head_kv") or config.get("num_key_value_heads") or n_head
+    by_name = {t.name: t for t in reader.tensors}
+    named, leftovers = group_keys(by_name, {".lora_a": "lora_a", ".lora_b": "lora_b"})
+    if leftovers:
+        raise AdapterFormatError(f"{f}: tensor(s) {', '.join(sorted(leftovers)[:8])} are not lora_a / lora_b "
+                                 "(llama.cpp would refuse them too).", path=f)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for t in reader.tensors:
-        stem, _, role = t.name.rpartition(".")
-        if role not in ("lora_a", "lora_b"):
-            raise AdapterFormatError(f"{f}: tensor {t.name} is not a lora_a / lora_b (llama.cpp would refuse it too).",
-                                     path=f)
-        data = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]))
-        check_finite(data, what=f"adapter tensor {t.name}", path=f)
-        pairs.setdefault(stem, {})[role] = data
+    for stem, roles in named.items():
+        for role, key in roles.items():
+            t = by_name[key]
+            data = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]))
+            check_finite(data, what=f"adapter tensor {t.name}", path=f)
+            pairs.setdefault(stem, {})[role] = data
     modules: dict[str, LoraModule] = {}
     for gname, roles in sorted(pairs.items()):
         if "lora_a" not in roles or "lora_b" not in roles:
@@ -199,8 +194,7 @@ def read(path: Path, *, base_config: dict | None = None, **_: Any) -> Adapter:
             if not heads:
                 raise AdapterFormatError(f"{f}: un-permuting {target} needs the base's head counts (--base).", path=f)
             B = _permute(B, int(heads), inverse=True)
-        modules[target] = LoraModule(target=target, A=A, B=B, scale=alpha / r if alpha else 1.0,
-                                     alpha=alpha or float(r), kind="embedding" if emb else "linear",
+        modules[target] = lowrank_module(target, A, B, alpha / r if alpha else 1.0, alpha or float(r), kind="embedding" if emb else "linear",
                                      transposed=True if emb else False, source_keys=(gname + ".lora_a", gname + ".lora_b"))
     return Adapter(modules=modules, meta={"format": NAME, "architecture": arch}, path=path, files=[f])
 

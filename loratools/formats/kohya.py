@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from .common import alpha_of, component_of, default_component, most_common
+from ..jsonio import load_json
+from .common import alpha_of, component_of, default_component, group_keys, lowrank, most_common
 
 NAME = "kohya"
 PREFIXES = {  # kohya prefix → diffusers component
@@ -59,12 +60,20 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _candidate(path: Path) -> Path | None:
+    if path.is_file():
+        return path if path.suffix == ".safetensors" else None
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return files[0] if len(files) == 1 else None
+
+
 def detect(path: Path) -> bool:
-    try:
-        f = _file(path)
-        names = list(read_header(f).tensors)
-    except Exception:
+    """Yes: kohya-prefixed keys. A .safetensors whose header is broken raises CorruptFileError here
+    (the first safetensors reader in the table): it is a broken file, not "not an adapter"."""
+    f = _candidate(path)
+    if f is None:
         return False
+    names = list(read_header(f).tensors)
     return any(split_stem(n.split(".")[0])[0] is not None and (_split(n) or n.endswith(UNSUPPORTED)) for n in names)
 
 
@@ -79,18 +88,18 @@ def split_stem(stem: str) -> tuple[str | None, str]:
 def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     f = _file(path)
     header = read_header(f)
-    targets = json.loads(header.metadata.get(TARGETS_KEY, "{}"))
+    targets = load_json(header.metadata.get(TARGETS_KEY, "{}"), where=f, what=f"metadata {TARGETS_KEY}")
+    if not all(isinstance(v, str) for v in targets.values()):
+        raise AdapterFormatError(f"{f}: metadata {TARGETS_KEY} must map names to names.", path=f)
+    named, others = group_keys(header.tensors, _split)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    unsupported: list[str] = []
-    leftovers: list[str] = []
-    for key, info in header.tensors.items():
-        parts = _split(key)
-        if parts is None:
-            (unsupported if key.endswith(UNSUPPORTED) else leftovers).append(key)
-            continue
-        t = load_tensor(info)
-        check_finite(t, what=f"adapter tensor {key}", path=f)
-        groups.setdefault(parts[0], {})[parts[1]] = (key, t)
+    for stem, roles in named.items():
+        for role, key in roles.items():
+            t = load_tensor(header.tensors[key])
+            check_finite(t, what=f"adapter tensor {key}", path=f)
+            groups.setdefault(stem, {})[role] = (key, t)
+    unsupported = [k for k in others if k.endswith(UNSUPPORTED)]
+    leftovers = [k for k in others if not k.endswith(UNSUPPORTED)]
     for stem, roles in groups.items():
         if "down" not in roles or "up" not in roles:
             if any(k.startswith(stem + ".") and k.endswith(UNSUPPORTED) for k in unsupported):
@@ -133,9 +142,8 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
                 magnitude = d.reshape(-1)
         component, flat = split_stem(stem)
         target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
-        modules[target] = LoraModule(
-            target=target, A=down.reshape(r, -1), B=up.reshape(up.shape[0], r), scale=alpha / r, alpha=alpha,
-            kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
+        modules[target] = lowrank_module(
+            target, down.reshape(r, -1), up.reshape(up.shape[0], r), alpha / r, alpha, kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
             dora_per_input=per_input, source_keys=tuple(k for k, _ in roles.values()),
         )
     if not modules:
@@ -166,23 +174,15 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     targets: dict[str, str] = {}
     components = {component_of(t)[0] for t in adapter.modules}
     default = default_component(base_config)
-    if adapter.replacements:
-        raise UnsupportedAdapterError(
-            f"kohya files cannot hold full tensors ({', '.join(sorted(adapter.replacements)[:4])}); converting would "
-            "lose them.", hint="Convert to peft or diffusers instead.")
     for target, m in sorted(adapter.modules.items()):
-        if m.kind == "embedding" or m.transposed:
-            raise UnsupportedAdapterError(f"kohya LoRA has no form for {target} ({m.kind}, stored transposed: "
-                                          f"{bool(m.transposed)}).", tensor=target)
-        if m.bias is not None:
-            raise UnsupportedAdapterError(f"kohya LoRA has no lora_bias ({target}).", tensor=target)
         stem = stem_for(target, components, default)
         if stem in targets:
             raise UnsupportedAdapterError(f"{target} and {targets[stem]} flatten to the same kohya name {stem}.")
         targets[stem] = target
-        r = m.rank
-        tensors[f"{stem}.lora_down.weight"] = m.A.reshape(r, -1, *m.kernel).contiguous()
-        tensors[f"{stem}.lora_up.weight"] = m.B.reshape(m.fan_out, r, *([1] * len(m.kernel))).contiguous()
+        d = lowrank(m)
+        r = d.rank
+        tensors[f"{stem}.lora_down.weight"] = d.A.reshape(r, -1, *m.kernel).contiguous()
+        tensors[f"{stem}.lora_up.weight"] = d.B.reshape(m.fan_out, r, *([1] * len(m.kernel))).contiguous()
         tensors[f"{stem}.alpha"] = torch.tensor(alpha_of(m), dtype=torch.float32)
         if m.magnitude is not None:
             shape = (1, -1) if m.dora_per_input else (-1, 1)

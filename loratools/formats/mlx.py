@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
-from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
-from .common import fold_scale, most_common, pad_rank
+from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
+from ..jsonio import get_field, read_json
+from .common import fold_scale, group_keys, lowrank, most_common, pad_rank, refuse_leftovers
 
 NAME = "mlx"
 CONFIG = "adapter_config.json"
@@ -33,10 +34,7 @@ def detect(path: Path) -> bool:
     folder = path if path.is_dir() else path.parent
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         return False
-    try:
-        cfg = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    cfg = read_json(folder / CONFIG, what="the adapter config")
     return "peft_type" not in cfg and ("lora_parameters" in cfg or "fine_tune_type" in cfg)
 
 
@@ -44,29 +42,21 @@ def read(path: Path, **_: object) -> Adapter:
     folder = path if path.is_dir() else path.parent
     if not (folder / WEIGHTS).is_file():
         raise AdapterNotFoundError(f"{folder} has no {WEIGHTS}.", path=folder)
-    try:
-        cfg = json.loads((folder / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{folder / CONFIG} cannot be read: {e}.", path=folder / CONFIG) from None
+    cfg = read_json(folder / CONFIG, what="the adapter config")
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise UnsupportedAdapterError(f"{folder}: fine_tune_type {kind!r} is not a LoRA adapter.", path=folder)
-    params = cfg.get("lora_parameters") or {}
-    scale = float(params.get("scale", 20.0))  # mlx-lm's default scale
+    params = get_field(cfg, "lora_parameters", dict, {}, where=folder / CONFIG)
+    scale = get_field(params, "scale", float, 20.0, where=folder / CONFIG, what="lora_parameters")  # mlx-lm's default
     header = read_header(folder / WEIGHTS)
+    named, leftovers = group_keys(header.tensors, {".lora_a": "lora_a", ".lora_b": "lora_b", ".m": "m"})
+    refuse_leftovers(leftovers, folder / WEIGHTS)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    leftovers = []
-    for key, info in header.tensors.items():
-        module, _, role = key.rpartition(".")
-        if role not in ("lora_a", "lora_b", "m"):
-            leftovers.append(key)
-            continue
-        t = load_tensor(info)
-        check_finite(t, what=f"adapter tensor {key}", path=folder / WEIGHTS)
-        groups.setdefault(module, {})[role] = (key, t)
-    if leftovers:
-        raise AdapterFormatError(f"{folder / WEIGHTS}: keys loratools does not understand: {', '.join(leftovers[:8])}.",
-                                 path=folder / WEIGHTS)
+    for module, roles in named.items():
+        for role, key in roles.items():
+            t = load_tensor(header.tensors[key])
+            check_finite(t, what=f"adapter tensor {key}", path=folder / WEIGHTS)
+            groups.setdefault(module, {})[role] = (key, t)
     modules = {}
     for module, roles in sorted(groups.items()):
         if "lora_a" not in roles or "lora_b" not in roles:
@@ -75,9 +65,8 @@ def read(path: Path, **_: object) -> Adapter:
         r = int(a.shape[1])
         emb = module.rsplit(".", 1)[-1] in EMBEDDINGS
         target = module + ".weight"
-        modules[target] = LoraModule(
-            target=target, A=a.T.contiguous(), B=b.T.contiguous(), scale=scale, alpha=scale * r,
-            kind="embedding" if emb else "linear", transposed=True if emb else False,
+        modules[target] = lowrank_module(
+            target, a.T.contiguous(), b.T.contiguous(), scale, scale * r, kind="embedding" if emb else "linear", transposed=True if emb else False,
             magnitude=roles["m"][1].reshape(-1) if "m" in roles else None,
             source_keys=tuple(k for k, _ in roles.values()),
         )
@@ -86,14 +75,7 @@ def read(path: Path, **_: object) -> Adapter:
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: object) -> list[Path]:
-    if adapter.replacements:
-        raise UnsupportedAdapterError(
-            f"MLX-LM LoRA adapters cannot hold full tensors ({', '.join(sorted(adapter.replacements)[:4])}).")
     mods = adapter.modules
-    for target, m in mods.items():
-        if m.kind == "conv" or m.bias is not None or (m.transposed and m.kind != "embedding"):
-            raise UnsupportedAdapterError(f"MLX-LM has no form for {target} ({m.kind}"
-                                          f"{', lora_bias' if m.bias is not None else ''}).", tensor=target)
     scale = float(most_common([m.scale for m in mods.values()])) if mods else 20.0
     rank = max((m.rank for m in mods.values()), default=8)
     tensors: dict[str, torch.Tensor] = {}
@@ -102,8 +84,9 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: ob
     for target, m in sorted(mods.items()):
         m = pad_rank(fold_scale(m, scale), rank)
         module = target.removesuffix(".weight")
-        tensors[f"{module}.lora_a"] = m.A.T.contiguous()
-        tensors[f"{module}.lora_b"] = m.B.T.contiguous()
+        d = lowrank(m)
+        tensors[f"{module}.lora_a"] = d.A.T.contiguous()
+        tensors[f"{module}.lora_b"] = d.B.T.contiguous()
         if m.magnitude is not None:
             tensors[f"{module}.m"] = m.magnitude.contiguous()
         parts = module.split(".")

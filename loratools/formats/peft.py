@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import save_tensors
-from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
+from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
+from ..jsonio import get_field, read_json
+from .common import alpha_of, group_keys, lowrank, refuse_leftovers
 
 NAME = "peft"
 CONFIG = "adapter_config.json"
@@ -72,12 +74,6 @@ KNOWN_KEYS = {
     "corda_config", "use_dora", "lora_bias", "ensure_weight_tying", "qalora_group_size", "use_qalora",
     "lora_ga_config",
 } | set(REFUSED_FEATURES)
-
-# Architectures whose projections are transformers' Conv1D (weights stored (in, out)); PEFT turns
-# fan_in_fan_out on for these layers by itself. From `grep -l "Conv1D(" transformers/models/*/modeling_*.py`.
-CONV1D_ARCHS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"}
-CONV1D_MODULES = {"c_attn", "q_attn", "c_proj", "c_fc"}
-
 
 def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
     """PEFT's rule: the first key in dict order with ``(.*\\.)?(key)$`` matching the module name."""
@@ -137,22 +133,18 @@ def find_files(path: Path) -> tuple[Path, Path]:
 
 
 def detect(path: Path) -> bool:
+    """Yes: adapter_config.json with a peft_type; broken (CorruptFileError): an adapter_config.json
+    that is not a JSON object — PEFT's or MLX's, it is an adapter folder either way."""
     folder = path if path.is_dir() else path.parent
     cfg = folder / CONFIG
     if not cfg.is_file():
         return False
-    try:
-        return "peft_type" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return False
+    return "peft_type" in read_json(cfg, what="the adapter config")
 
 
 def read_config(config_path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{config_path} is not valid JSON: {e}.", path=config_path) from None
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+    cfg = read_json(config_path, what="the adapter config")
+    if "peft_type" not in cfg:
         raise AdapterFormatError(f"{config_path} has no 'peft_type': not a PEFT config.", path=config_path)
     return cfg
 
@@ -193,34 +185,32 @@ def read(path: Path, **_: object) -> Adapter:
     for key, t in sd.items():
         check_finite(t, what=f"adapter tensor {key}", path=weights)
 
-    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    base_copies: list[str] = []  # PEFT's copies of base tensors (``….base_layer.weight``)
-    leftovers: list[str] = []
-    for key, t in sd.items():
+    def split(key: str) -> tuple[str, str] | None:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for suffix, role in SUFFIXES:
             if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[role] = (key, t)
-                break
-        else:
-            if "lora_" in name:
-                leftovers.append(key)
-            else:
-                # modules_to_save / bias="all" / the embedding copy PEFT saves beside an embedding LoRA
-                replacements[name.replace(".base_layer.", ".")] = t
-                if name.endswith(".base_layer.weight"):
-                    base_copies.append(name.replace(".base_layer.", "."))
-    if leftovers:
-        raise AdapterFormatError(
-            f"{weights}: {len(leftovers)} LoRA keys loratools does not understand: {', '.join(leftovers[:8])}"
-            + (" …" if len(leftovers) > 8 else ""),
-            path=weights,
-            hint="Nothing was merged. Open an issue with the PEFT version that wrote this adapter.",
-        )
+                return name[: -len(suffix)], role
+        return None
 
-    rank_pattern: dict[str, int] = cfg.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    groups, others = group_keys(sd, split)
+    parts = {stem: {role: (key, sd[key]) for role, key in roles.items()} for stem, roles in groups.items()}
+    replacements: dict[str, torch.Tensor] = {}
+    base_copies: list[str] = []  # PEFT's copies of base tensors (``….base_layer.weight``)
+    leftovers: list[str] = []
+    for key in others:
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if "lora_" in name:
+            leftovers.append(key)
+            continue
+        # modules_to_save / bias="all" / the embedding copy PEFT saves beside an embedding LoRA
+        replacements[name.replace(".base_layer.", ".")] = sd[key]
+        if name.endswith(".base_layer.weight"):
+            base_copies.append(name.replace(".base_layer.", "."))
+    refuse_leftovers(leftovers, weights, what="LoRA keys loratools does not understand",
+                     hint="Nothing was merged. Open an issue with the PEFT version that wrote this adapter.")
+
+    rank_pattern: dict[str, int] = get_field(cfg, "rank_pattern", dict, {}, where=config_path)
+    alpha_pattern: dict[str, float] = get_field(cfg, "alpha_pattern", dict, {}, where=config_path)
     used_rank: set[str] = set()
     used_alpha: set[str] = set()
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
@@ -244,8 +234,10 @@ def read(path: Path, **_: object) -> Adapter:
             used_rank.add(rkey)
         if akey is not None:
             used_alpha.add(akey)
-        cfg_r = int(rank_pattern[rkey]) if rkey is not None else int(cfg.get("r", 8))
-        alpha = float(alpha_pattern[akey]) if akey is not None else float(cfg.get("lora_alpha", 8))
+        cfg_r = (get_field(rank_pattern, rkey, int, where=config_path, what="rank_pattern") if rkey is not None
+                 else get_field(cfg, "r", int, 8, where=config_path))
+        alpha = (get_field(alpha_pattern, akey, float, where=config_path, what="alpha_pattern") if akey is not None
+                 else get_field(cfg, "lora_alpha", float, 8.0, where=config_path))
         if int(B.shape[1]) != r or cfg_r != r:
             raise AdapterFormatError(
                 f"{weights}: module {name} has rank {r} in lora_A and {B.shape[1]} in lora_B, "
@@ -271,12 +263,12 @@ def read(path: Path, **_: object) -> Adapter:
             kind, transposed, declared = "linear", fan_in_fan_out, fan_in_fan_out
         mag = roles.get("magnitude")
         bias = roles.get("bias")
-        modules[name + ".weight"] = LoraModule(
-            target=name + ".weight",
-            A=A.reshape(r, -1),
-            B=B.reshape(B.shape[0], r),
-            scale=scale,
-            alpha=alpha,
+        modules[name + ".weight"] = lowrank_module(
+            name + ".weight",
+            A.reshape(r, -1),
+            B.reshape(B.shape[0], r),
+            scale,
+            alpha,
             kind=kind,
             transposed=transposed if declared else None,
             kernel=kernel,
@@ -327,31 +319,26 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: ob
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    fan_in_fan_out = None
+    fan_in_fan_out = False
     for target, m in adapter.modules.items():
         name = target.removesuffix(".weight")
         key = PREFIX + name
+        d = lowrank(m)
         if m.kind == "embedding":
-            tensors[key + ".lora_embedding_A"] = m.A.contiguous()
-            tensors[key + ".lora_embedding_B"] = m.B.contiguous()
+            tensors[key + ".lora_embedding_A"] = d.A.contiguous()
+            tensors[key + ".lora_embedding_B"] = d.B.contiguous()
         elif m.kind == "conv":
-            tensors[key + ".lora_A.weight"] = m.A.reshape(m.rank, -1, *m.kernel).contiguous()
-            tensors[key + ".lora_B.weight"] = m.B.reshape(m.fan_out, m.rank, *([1] * len(m.kernel))).contiguous()
+            tensors[key + ".lora_A.weight"] = d.A.reshape(d.rank, -1, *m.kernel).contiguous()
+            tensors[key + ".lora_B.weight"] = d.B.reshape(m.fan_out, d.rank, *([1] * len(m.kernel))).contiguous()
         else:
-            if m.transposed:
-                if fan_in_fan_out is False:
-                    raise UnsupportedAdapterError("PEFT has one fan_in_fan_out per adapter; this adapter mixes both.")
-                fan_in_fan_out = True
-            tensors[key + ".lora_A.weight"] = m.A.contiguous()
-            tensors[key + ".lora_B.weight"] = m.B.contiguous()
+            fan_in_fan_out = fan_in_fan_out or bool(m.transposed)
+            tensors[key + ".lora_A.weight"] = d.A.contiguous()
+            tensors[key + ".lora_B.weight"] = d.B.contiguous()
         if m.magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = m.magnitude.contiguous()
         if m.bias is not None:
             tensors[key + ".lora_B.bias"] = m.bias.contiguous()
-        alpha = m.alpha if m.alpha is not None else m.scale * m.rank
-        if not math.isclose(alpha / m.rank, m.scale, rel_tol=1e-12):
-            alpha = m.scale * m.rank  # scale is what counts; write the alpha that reproduces it
-        ranks[name], alphas[name] = m.rank, alpha
+        ranks[name], alphas[name] = d.rank, alpha_of(m)
     lora_modules = {t.removesuffix(".weight") for t in adapter.modules}
     saved_modules: set[str] = set()
     trained_biases = False

@@ -20,50 +20,21 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite
+from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.reader import PICKLE_SUFFIXES, load_state_dict
 from ..checkpoint.safetensors_io import read_header
 from ..errors import AdapterFormatError, AdapterNotFoundError, LayoutAmbiguousError, UnsupportedAdapterError
+from ..layout import PAIRS, split_key
+from .common import group_keys
 
 NAME = "raw"
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-# name pairs that mark LoRA factors; the order inside a pair says nothing about orientation
-PAIRS: list[tuple[str, str]] = [
-    ("lora_a", "lora_b"),
-    ("lora_A", "lora_B"),
-    ("lora_down", "lora_up"),
-    ("lora_u", "lora_v"),
-    ("U", "V"),
-]
-# which member of a pair is the "A" (down) factor in nn.Linear convention, for --layout linear-ab
-DOWN_NAMES = {"lora_a", "lora_A", "lora_down"}
-FACTOR_NAMES = {n for pair in PAIRS for n in pair}
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """(prefix, factor name) for a factor key, ``None`` for any other key.
-
-    A whole PEFT model's ``state_dict()`` names its factors ``….lora_A.<adapter>.weight``: the
-    adapter name is dropped (two adapters on one module then collide and are reported)."""
-    stem = key.removesuffix(".weight")
-    prefix, _, last = stem.rpartition(".")
-    if last in FACTOR_NAMES:
-        return prefix, last
-    outer, _, middle = prefix.rpartition(".")
-    if middle in FACTOR_NAMES and key.endswith(".weight") and last.isidentifier():
-        return outer, middle
-    return None
-
 
 def detect(path: Path) -> bool:
     if not path.is_file() or path.suffix not in SUFFIXES:
         return False
     if path.suffix == ".safetensors":
-        try:
-            names = list(read_header(path).tensors)
-        except Exception:  # a broken file is reported by read()
-            return True
+        names = list(read_header(path).tensors)  # a broken header raises CorruptFileError: broken, not "no"
     else:
         return True  # reading a pickle to peek is the same cost as reading it; read() decides
     return any(split_key(n) for n in names)
@@ -100,20 +71,13 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
     if not path.is_file():
         raise AdapterNotFoundError(f"Adapter not found: {path}.", path=path)
     sd = load_state_dict(path)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    base_keys: list[str] = []
-    for key, t in sd.items():
-        parts = split_key(key)
-        if parts is None:
-            base_keys.append(key)
-            continue
-        prefix, name = parts
-        if name in groups.get(prefix, {}):
-            raise AdapterFormatError(
-                f"{path}: {key} and {groups[prefix][name][0]} are both factor {name} of {prefix or 'the model'} "
-                "(several adapters in one state dict?).", path=path, tensor=key,
-                hint="Keep one adapter's factors in the file, or save the adapter with PEFT's save_pretrained.")
-        groups.setdefault(prefix, {})[name] = (key, t)
+    try:
+        named, base_keys = group_keys(sd, split_key)  # every other key is a base tensor
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{path}: {e.message} (several adapters in one state dict?)", path=path,
+                                 tensor=e.tensor, hint="Keep one adapter's factors in the file, or save the adapter "
+                                 "with PEFT's save_pretrained.") from None
+    groups = {prefix: {name: (key, sd[key]) for name, key in roles.items()} for prefix, roles in named.items()}
     modules: dict[str, LoraModule] = {}
     leftovers: list[str] = []
     for prefix, found in sorted(groups.items()):
@@ -133,12 +97,12 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
         first, second = order_pair(prefix, x, y)
         B, A = first[1], second[1]
         target = f"{prefix}.weight" if prefix else "weight"
-        modules[target] = LoraModule(
-            target=target,
-            A=A,
-            B=B,
-            scale=float(scale),
-            alpha=None,
+        modules[target] = lowrank_module(
+            target,
+            A,
+            B,
+            float(scale),
+            None,
             kind="linear",
             transposed=None,
             source_keys=(first[0], second[0]),

@@ -1,27 +1,28 @@
 """Carry out a plan: shard by shard, tensor by tensor, computing on the device in float32 (or
 float64) and rounding once to the output dtype; untouched tensors are copied byte for byte.
+
+This writes files into a folder it is given and nothing else: checking them and moving them into
+place is the pipeline's (``loratools/pipeline.py``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
-from ..adapter import LoraModule, delta, delta_bias
 from ..checkpoint.safetensors_io import StreamWriter, read_header
-from ..checkpoint.writer import AtomicOutput
 from ..dtypes import BY_ST
-from ..errors import CorruptFileError, InvalidArgumentError, NonFiniteError, VerificationError
-from .plan import Op, Plan, TensorPlan, UndoData
+from ..errors import InternalError, NonFiniteError, VerificationError
+from .edits import Compute, Edit, apply_edits, inverse_edits, row_blocks
+from .plan import Plan, TensorPlan, UndoData
 from .undo import RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_name
 
 Progress = Callable[[int, int, str], None]
@@ -43,137 +44,18 @@ class Result:
     plans: dict[str, Plan] | None = None  # a diffusers pipeline: one plan per component
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise InvalidArgumentError(f"Unknown device {device!r}.", hint="Use auto, cpu, cuda or cuda:N.") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"--device {device}: no CUDA device is available here.", hint="Use --device cpu.")
-    return d
-
-
-def _out_view(m: LoraModule, ndim: int) -> list[int]:
-    view = [1] * ndim
-    view[m.dora_axis] = -1
-    return view
-
-
-def dora_apply(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device,
-               norms: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output over everything else (PEFT's DoRA
-    merge). ``norms`` receives ‖W + ΔW‖ (float32, one value per output) for undo data."""
-    m = op.module
-    assert m is not None and m.magnitude is not None
-    V = W + delta(m, dtype=dtype, device=device, weight=abs(op.weight))
-    dims = tuple(d for d in range(V.dim()) if d != m.dora_axis)
-    norm = torch.linalg.vector_norm(V, dim=dims, keepdim=True)
-    if norms is not None:
-        norms.append(norm.reshape(-1).float().cpu())
-    mag = m.magnitude.to(device=device, dtype=dtype)
-    return V * (mag.reshape(_out_view(m, V.dim())) / norm)
-
-
-def dora_undo(W: torch.Tensor, op: Op, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The inverse of :func:`dora_apply` given the stored norms: W = W'·‖W+ΔW‖/m − ΔW."""
-    m = op.module
-    assert m is not None and m.magnitude is not None and op.tensor is not None
-    view = _out_view(m, W.dim())
-    factor = op.tensor.to(device=device, dtype=dtype).reshape(view) / m.magnitude.to(device=device, dtype=dtype).reshape(view)
-    return W * factor - delta(m, dtype=dtype, device=device, weight=1.0)
-
-
-def apply_ops(W: torch.Tensor, ops: list[Op], *, dtype: torch.dtype, device: torch.device,
-              norms: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Apply a tensor's ops in order to W (already in the compute dtype on the device)."""
-    for op in ops:
-        if op.kind == "replace":
-            assert op.tensor is not None
-            W = op.tensor.to(device=device, dtype=dtype).clone()
-        elif op.kind == "delta":
-            assert op.module is not None
-            W = W + delta(op.module, dtype=dtype, device=device, weight=op.weight)
-        elif op.kind == "dora":
-            W = dora_apply(W, op, dtype=dtype, device=device, norms=norms)
-        elif op.kind == "dora_undo":
-            W = dora_undo(W, op, dtype=dtype, device=device)
-        elif op.kind == "bias":
-            assert op.module is not None
-            db = delta_bias(op.module, dtype=dtype, device=device, weight=op.weight)
-            assert db is not None
-            W = W + db
-        else:  # pragma: no cover - plans only hold the kinds above
-            raise ValueError(op.kind)
-    return W
-
-
-def inverse_ops(ops: list[Op], *, norm: torch.Tensor | None, original: torch.Tensor) -> list[Op]:
-    """The ops unmerge applies to take ``ops`` out again, in the order unmerge applies them
-    (collect_ops with every adapter removed): deltas negated in adapter order, DoRA undone with
-    its norms, a replaced tensor restored last."""
-    inv: list[Op] = []
-    restore: list[Op] = []
-    for op in ops:
-        if op.kind in ("delta", "bias"):
-            inv.append(replace(op, weight=-op.weight))
-        elif op.kind == "dora":
-            inv.append(Op("dora_undo", op.adapter, -abs(op.weight), op.module, tensor=norm))
-        elif op.kind == "replace":
-            restore.append(Op("replace", op.adapter, -1.0, tensor=original))
-    return inv + restore
-
-
-CHUNK_ELEMENTS = 1 << 22  # rows are processed in blocks of about this many elements
-
-
-def slice_op(op: Op, i: int, j: int) -> Op:
-    """The op restricted to storage rows i:j of its tensor (rows = dim 0 of the stored tensor)."""
-    if op.kind == "replace":
-        assert op.tensor is not None
-        return replace(op, tensor=op.tensor[i:j])
-    m = op.module
-    assert m is not None
-    if op.kind == "dora_undo" and m.dora_axis == 0:
-        assert op.tensor is not None
-        op = replace(op, tensor=op.tensor[i:j])
-    assert m is not None
-    if op.kind == "bias":
-        assert m.bias is not None
-        return replace(op, module=m.with_(bias=m.bias[i:j]))
-    shape = m.shape or m.storage_shape(bool(m.transposed))
-    new_shape = (j - i, *shape[1:])
-    if m.transposed:  # stored (in, out): rows are inputs, columns of A
-        return replace(op, module=m.with_(A=m.A[:, i:j], shape=new_shape))
-    mag = m.magnitude[i:j] if m.magnitude is not None and m.dora_axis == 0 else m.magnitude
-    return replace(op, module=m.with_(B=m.B[i:j], magnitude=mag, shape=new_shape))
-
-
-def row_blocks(t: TensorPlan, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    """Row ranges to process a tensor in; one block when its ops need whole columns (transposed DoRA)."""
-    shape = t.source.shape
-    if not shape or any(op.kind in ("dora", "dora_undo") and op.module is not None and op.module.dora_axis != 0
-                        for op in t.ops):
-        return [(0, shape[0] if shape else 1)]
-    per_row = max(1, math.prod(shape[1:]))
-    step = max(1, chunk // per_row)
-    return [(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [(0, 0)]
-
-
-def _blocks_apply(src: torch.Tensor, t: TensorPlan, ops: list[Op], *, out_dtype: torch.dtype, dtype: torch.dtype,
-                  device: torch.device, operation: str, norms: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """ops applied to src in row blocks, each block rounded once to ``out_dtype``."""
+def _blocks_apply(src: torch.Tensor, t: TensorPlan, edits: list[Edit], *, out_dtype: torch.dtype, c: Compute,
+                  operation: str) -> torch.Tensor:
+    """``edits`` applied to src in row blocks, each block rounded once to ``out_dtype``."""
     if src.dim() == 0:
-        return apply_ops(src.to(device=device, dtype=dtype), ops, dtype=dtype, device=device, norms=norms).to(
-            out_dtype).cpu()
+        return apply_edits(src.to(device=c.device, dtype=c.dtype), edits, c).to(out_dtype).cpu()
     result = torch.empty(src.shape, dtype=out_dtype)
-    for i, j in row_blocks(t):
-        block_ops = [slice_op(op, i, j) for op in ops]
-        W = src[i:j].to(device=device, dtype=dtype)
-        block = apply_ops(W, block_ops, dtype=dtype, device=device, norms=norms).to(out_dtype)
-        if block.is_floating_point() and not bool(torch.isfinite(block).all()):
-            had = "" if bool(torch.isfinite(src[i:j]).all()) else " (the input tensor already held non-finite values)"
+    for i, j in row_blocks(tuple(src.shape), edits):
+        W = src[i:j].to(device=c.device, dtype=c.dtype)
+        block = apply_edits(W, [e.slice(i, j) for e in edits], c).to(out_dtype)
+        if block.is_floating_point() and not bool(torch.isfinite(block.float() if block.element_size() == 1
+                                                                 else block).all()):
+            had = "" if bool(torch.isfinite(src[i:j].float()).all()) else " (the input tensor already held non-finite values)"
             raise NonFiniteError(
                 f"{operation} would write NaN or Inf into {t.name}{had}.",
                 tensor=t.name,
@@ -190,7 +72,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1).view(ints) == b.reshape(-1).view(ints)
 
 
-def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: torch.device,
+def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
                    undo_out: UndoData | None = None) -> torch.Tensor:
     """The output value of one planned tensor, rounded once to its output dtype, on the CPU.
 
@@ -203,17 +85,17 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, dtype: torch.dtype, device: tor
     if not t.ops:
         return src.to(out_dtype)
     norms: list[torch.Tensor] = []
-    result = _blocks_apply(src, t, t.ops, out_dtype=out_dtype, dtype=dtype, device=device,
-                           operation=plan.operation, norms=norms)
+    c = Compute(compute.dtype, compute.device, norms)
+    result = _blocks_apply(src, t, t.ops, out_dtype=out_dtype, c=c, operation=plan.operation)
     norm = torch.cat(norms) if norms else None
     if undo_out is not None:
         if norm is not None:
             undo_out.norms[t.name] = norm
-        if any(op.kind == "replace" and plan.adapters[op.adapter].sign > 0 for op in t.ops):
+        if any(e.replaces and plan.adapters[e.adapter].sign > 0 for e in t.ops):
             undo_out.originals[t.name] = src
         if plan.reversible and result.dtype == src.dtype:
-            back = _blocks_apply(result, t, inverse_ops(t.ops, norm=norm, original=src), out_dtype=src.dtype,
-                                 dtype=dtype, device=device, operation=plan.operation)
+            back = _blocks_apply(result, t, inverse_edits(t.ops, norm=norm, original=src), out_dtype=src.dtype,
+                                 c=Compute(compute.dtype, compute.device), operation=plan.operation)
             differ = ~_same_bits(back, src)
             del back
             if bool(differ.any()):
@@ -250,15 +132,13 @@ def write_plan(
     plan: Plan,
     folder: Path,
     *,
+    compute: Compute,
     single_name: str | None = None,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
-    verify: bool = True,
-) -> Result:
-    """Write ``plan``'s files into ``folder`` (a temporary folder: nothing here is atomic) and, with
-    ``verify``, check them against a float64 reference. ``single_name``: write the one shard under
-    this name (a single-file output) and no index or side files."""
+) -> tuple[Result, dict[str, Path]]:
+    """Write ``plan``'s files into ``folder`` (a temporary folder: nothing here is atomic).
+    ``single_name``: write the one shard under this name (a single-file output) and no index or
+    side files. Returns the result and the written file of each planned shard."""
     start = time.perf_counter()
     total = plan.total_bytes()
     done = 0
@@ -268,6 +148,7 @@ def write_plan(
     folder.mkdir(parents=True, exist_ok=True)
     spill = UndoSpill(folder / ".loratools-undo-parts")
     written: list[tuple[Path, list[TensorPlan]]] = []
+    files: dict[str, Path] = {}
     for shard in plan.shards:
         base_meta = {}
         src_header = next((s.header for s in plan.base.shards if s.filename == shard.filename), None)
@@ -276,15 +157,16 @@ def write_plan(
         base_meta.setdefault("format", "pt")
         base_meta.update(meta_extra)
         path = folder / (single_name or shard.filename)
-        entries = [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors]
-        writer = StreamWriter(path, entries, base_meta)
+        by_name = {t.name: t for t in shard.tensors}
+        writer = StreamWriter(path, [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors], base_meta)
         try:
-            for t in shard.tensors:
+            for name in getattr(writer, "order", list(by_name)):
+                t = by_name[name]
                 if t.copy and t.source.begin >= 0:
                     writer.copy_range(t.name, t.source)
                     result.copied += 1
                 else:
-                    value = compute_tensor(plan, t, dtype=dtype, device=device, undo_out=undo_out)
+                    value = compute_tensor(plan, t, compute=compute, undo_out=undo_out)
                     writer.write_tensor(t.name, value)
                     del value
                     spill.add(undo_out)
@@ -301,6 +183,7 @@ def write_plan(
         writer.close()
         result.bytes_written += path.stat().st_size
         written.append((path, shard.tensors))
+        files[shard.filename] = path
     check_written(written)
     if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
         for name, norm in plan.undo_in.norms.items():
@@ -312,18 +195,6 @@ def write_plan(
         spill.add(undo_out)
     undo_file = folder / (undo_name(Path(single_name), True) if single_name else undo_name(folder, False))
     result.undo_bytes = spill.finish(undo_file, plan.merged_after)
-    if verify:
-        from ..verify import verify_written
-
-        files = {s.filename: p for s, (p, _) in zip(plan.shards, written)}
-        report = verify_written(plan, files, fp64=dtype == torch.float64)
-        result.verify = report
-        if not report.ok:
-            raise VerificationError(
-                f"{plan.operation}: the written output failed verification; nothing was written. "
-                + report.summary(),
-                hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
-            )
     if single_name is None:
         if plan.sharded:
             index = {
@@ -334,31 +205,7 @@ def write_plan(
         for extra in plan.base.extra_files:
             shutil.copy2(extra, folder / extra.name)
     result.seconds = time.perf_counter() - start
-    return result
-
-
-def execute(
-    plan: Plan,
-    out: Path,
-    *,
-    overwrite: bool = False,
-    single_file: bool = False,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
-    verify: bool = True,
-) -> Result:
-    """Write ``plan`` to ``out`` atomically; with ``verify`` the written files are checked against a
-    float64 reference (verify.py) before they are moved into place."""
-    atomic = AtomicOutput(out, overwrite=overwrite, single_file=single_file)
-    if single_file:
-        atomic.stale = [out.parent / undo_name(out, True)]
-    with atomic as tmp:
-        result = write_plan(plan, tmp, single_name=out.name if single_file else None, device=device, dtype=dtype,
-                            progress=progress, verify=verify)
-        atomic.commit()
-    result.out = out
-    return result
+    return result, files
 
 
 def check_written(written: list[tuple[Path, list[TensorPlan]]]) -> None:
@@ -368,4 +215,4 @@ def check_written(written: list[tuple[Path, list[TensorPlan]]]) -> None:
         want = {t.name: (t.out_dtype, tuple(t.source.shape)) for t in tensors}
         got = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
         if want != got:
-            raise CorruptFileError(f"internal: {path.name} does not hold what was planned; nothing was written.")
+            raise InternalError(f"{path.name} does not hold what was planned; nothing was written.")

@@ -1,39 +1,25 @@
 """Plans: what each output tensor becomes, decided before anything is read or written.
 
-A plan lists, per output shard, per tensor, the operations on it (``Op``s) in order. ``--dry-run``
-prints it; execution follows it to the letter.
+A plan lists, per output shard, per tensor, the edits on it (``ops/edits.py``) in order.
+``--dry-run`` prints it; execution follows it to the letter; verification checks the written files
+against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.safetensors_io import TensorInfo
 from ..dtypes import BY_ST, st_name
-from ..errors import InvalidArgumentError, UnsupportedAdapterError
-
-
-@dataclass(frozen=True)
-class Op:
-    """One change to one tensor.
-
-    kind: ``delta`` (W += weight·ΔW), ``dora`` (W = m ⊙ (W+ΔW)/‖W+ΔW‖), ``bias``
-    (b += weight·scale·lora_B.bias), ``replace`` (W = tensor).
-    """
-
-    kind: str
-    adapter: int
-    weight: float = 1.0
-    module: LoraModule | None = None
-    tensor: torch.Tensor | None = None
+from ..errors import InternalError, InvalidArgumentError, UnsupportedAdapterError
+from .edits import AddBias, AddDelta, Dora, DoraUndo, Edit, Replace
 
 
 @dataclass
@@ -41,7 +27,7 @@ class TensorPlan:
     name: str
     source: TensorInfo
     out_dtype: str  # safetensors name
-    ops: list[Op] = field(default_factory=list)
+    ops: list[Edit] = field(default_factory=list)
 
     @property
     def copy(self) -> bool:
@@ -62,7 +48,7 @@ class ShardPlan:
 @dataclass
 class AdapterInput:
     adapter: Adapter
-    weight: float
+    weight: float | None  # None until decided (unmerge takes the weight recorded at merge time)
     sha256: str
     label: str
     sign: float = 1.0  # −1: taken out (unmerge, the old adapter of swap)
@@ -124,30 +110,18 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def weights_per_adapter(adapters: Sequence[object], weights: Sequence[float] | None, *,
-                        default: float | None = 1.0) -> list[float | None]:
-    """One weight per adapter, in order; ``default`` for all when none are given (None: decided
-    later, as unmerge does from the merge's record)."""
-    if not weights:
-        return [default] * len(adapters)
-    if len(weights) != len(adapters):
-        raise InvalidArgumentError(
-            f"{len(weights)} --weight value(s) for {len(adapters)} adapter(s).",
-            hint="Give --weight once per adapter, in the same order, or not at all.",
-        )
-    return [float(w) for w in weights]
+def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> dict[str, list[Edit]]:
+    """Edits per base tensor from bound adapters, in the order they apply.
 
-
-def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> dict[str, list[Op]]:
-    """Ops per base tensor from bound adapters, in the order they apply.
-
-    Adapters with ``sign`` −1 are taken out (unmerge, the old side of swap); their ops come first.
-    Taking out a DoRA module needs the row norms, and taking out a full replacement needs the
-    original tensor: both come from ``undo`` (stored beside a loratools merge).
+    Adapters with ``sign`` −1 are taken out (unmerge, the old side of swap); their edits come
+    first. Taking out a DoRA module needs the row norms, and taking out a full replacement needs
+    the original tensor: both come from ``undo`` (stored beside a loratools merge).
     """
-    removals: dict[str, list[Op]] = {}
-    additions: dict[str, list[Op]] = {}
+    removals: dict[str, list[Edit]] = {}
+    additions: dict[str, list[Edit]] = {}
     for i, ai in enumerate(adapters):
+        if ai.weight is None:
+            raise InternalError(f"{ai.label}: weight not decided before planning")
         w = ai.sign * ai.weight
         taking_out = ai.sign < 0
         target = removals if taking_out else additions
@@ -170,13 +144,13 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
                             hint="loratools stores them in loratools_undo.safetensors beside its DoRA merges; "
                             "a model merged by another tool cannot be un-merged exactly.",
                         )
-                    target.setdefault(name, []).append(Op("dora_undo", i, w, m, tensor=norm))
+                    target.setdefault(name, []).append(DoraUndo(i, w, module=m, norm=norm))
                 else:
-                    target.setdefault(name, []).append(Op("dora", i, w, m))
+                    target.setdefault(name, []).append(Dora(i, w, module=m))
             else:
-                target.setdefault(name, []).append(Op("delta", i, w, m))
+                target.setdefault(name, []).append(AddDelta(i, w, module=m))
             if m.bias is not None and m.bias_target:
-                target.setdefault(m.bias_target, []).append(Op("bias", i, w, m))
+                target.setdefault(m.bias_target, []).append(AddBias(i, w, module=m))
         for name, t in ai.adapter.replacements.items():
             if abs(w) != 1.0:
                 raise UnsupportedAdapterError(
@@ -196,36 +170,36 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
                         tensor=name,
                         hint="loratools keeps replaced tensors in loratools_undo.safetensors beside its merges.",
                     )
-                target.setdefault(name, []).append(Op("replace", i, w, tensor=original))  # applied last, see below
+                target.setdefault(name, []).append(Replace(i, w, tensor=original))  # applied last, see below
             else:
-                target.setdefault(name, []).insert(0, Op("replace", i, w, tensor=t))
+                target.setdefault(name, []).insert(0, Replace(i, w, tensor=t))
     for name, lst in removals.items():
         # undo in reverse: the restore of a replaced tensor comes after taking its deltas out
-        lst.sort(key=lambda o: o.kind == "replace")
-        if any(o.kind == "dora_undo" for o in lst) and len(lst) > 1:
+        lst.sort(key=lambda e: e.replaces)
+        if any(isinstance(e, DoraUndo) for e in lst) and len(lst) > 1:
             raise UnsupportedAdapterError(
                 f"{name}: a DoRA module cannot be taken out together with other changes to the same tensor.",
                 tensor=name,
             )
     for name, lst in additions.items():
-        kinds = [o.kind for o in lst]
-        if kinds.count("replace") > 1:
+        replacing = [e for e in lst if e.replaces]
+        if len(replacing) > 1:
             raise UnsupportedAdapterError(f"Several adapters replace {name} whole; the result would depend on order.",
                                           tensor=name)
-        if "replace" in kinds and len({o.adapter for o in lst}) > 1:
+        if replacing and len({e.adapter for e in lst}) > 1:
             raise UnsupportedAdapterError(
                 f"{adapters[lst[0].adapter].label} replaces {name} whole, and another adapter changes it too; the result "
                 "would depend on order.",
                 tensor=name,
             )
-        if "dora" in kinds and len(lst) > 1:
+        if any(isinstance(e, Dora) for e in lst) and len(lst) > 1:
             raise UnsupportedAdapterError(
                 f"{name} is changed by a DoRA module and by other adapters; DoRA's rescaling does not commute with "
                 "them.",
                 tensor=name,
                 hint="Merge the adapters one at a time, in the order you intend.",
             )
-    ops: dict[str, list[Op]] = {}
+    ops: dict[str, list[Edit]] = {}
     for name in list(removals) + [n for n in additions if n not in removals]:
         ops[name] = removals.get(name, []) + additions.get(name, [])
     return ops
@@ -235,11 +209,10 @@ def build_plan(
     operation: str,
     base: Checkpoint,
     adapters: list[AdapterInput],
-    ops: dict[str, list[Op]],
+    ops: dict[str, list[Edit]],
     *,
     dtype: torch.dtype | None = None,
     max_shard_size: int | None = None,
-    single_file_out: bool = False,
 ) -> Plan:
     tensor_plans: dict[str, TensorPlan] = {}
     for shard in base.shards:
@@ -250,8 +223,8 @@ def build_plan(
                 out_dtype = st_name(dtype)
             tensor_plans[name] = TensorPlan(name, info, out_dtype, ops.get(name, []))
     unknown = sorted(set(ops) - set(tensor_plans))
-    if unknown:  # binding resolves names against the same checkpoint; this is a bug if it happens
-        raise InvalidArgumentError(f"internal: ops for tensors not in the base: {unknown[:5]}")
+    if unknown:  # binding resolves names against the same checkpoint
+        raise InternalError(f"edits planned for tensors not in the base: {unknown[:5]}")
     if max_shard_size is None:
         shards = [ShardPlan(s.filename, [tensor_plans[n] for n in s.names]) for s in base.shards]
         sharded = base.index_name is not None
@@ -259,10 +232,6 @@ def build_plan(
         if base.is_pickle():  # pickles are rewritten as safetensors
             shards, sharded, index_name = _reshard(list(tensor_plans.values()), None, base)
     else:
-        if single_file_out:
-            raise InvalidArgumentError(
-                "--max-shard-size needs a folder as OUT: a single .safetensors file cannot be sharded."
-            )
         shards, sharded, index_name = _reshard(list(tensor_plans.values()), max_shard_size, base)
     return Plan(operation, base, adapters, shards, sharded, index_name)
 

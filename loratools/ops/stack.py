@@ -1,27 +1,29 @@
 """stack, resize and extract: new adapters made from adapters or from checkpoints.
 
-Each writes a PEFT adapter (or ``to=`` another writable format) atomically and returns a report
-with, per module, the kept rank and the relative error ‖M − M_R‖_F / ‖M‖_F against the exact
-combination.
+Each builds the canonical adapter to write (its plan) and hands it to
+``pipeline.write_adapter_output``, which writes a PEFT adapter (or ``to=`` another writable format),
+reads it back, checks every ΔW and moves it into place; the report gives, per module, the kept
+rank and the relative error ‖M − M_R‖_F / ‖M‖_F against the exact combination.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule
-from ..checkpoint.reader import open_checkpoint
-from ..checkpoint.writer import AtomicOutput, check_output
-from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError, VerificationError
-from ..formats import FORMATS, read_adapter
+from ..adapter import Adapter, LoraModule, lowrank_module
+from ..deltas import LowRank
+from ..checkpoint.writer import check_output
+from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError
+from ..formats import spec
 from ..layout import is_conv1d_target
+from ..options import Options, check_weights
+from ..pipeline import open_base, prepare_adapter, write_adapter_output
 from . import algebra
-from .plan import weights_per_adapter
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -44,39 +46,22 @@ class AdapterResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _write(adapter: Adapter, out: Path, *, to: str, overwrite: bool, verify: bool = True,
-           expected: dict[str, torch.Tensor] | None = None, rtol: float = 1e-6) -> None:
-    """Write atomically; with ``verify`` read the result back and compare every module's ΔW in
-    float64 with ``expected`` (the exact combination) or else with the adapter that was written."""
-    if to not in FORMATS or not hasattr(FORMATS[to], "write"):
-        writable = [n for n, f in FORMATS.items() if hasattr(f, "write")]
-        raise InvalidArgumentError(f"Cannot write format {to!r}.", hint=f"Writable formats: {', '.join(writable)}.")
-    atomic = AtomicOutput(out, overwrite=overwrite)
-    with atomic as tmp:
-        FORMATS[to].write(adapter, tmp)
-        if verify:
-            back = FORMATS[to].read(tmp)
-            for target, m in adapter.modules.items():
-                got = back.modules.get(target)
-                want = expected[target] if expected is not None else _matrix(m)
-                err = float("inf") if got is None else float((_matrix(got) - want).abs().max())
-                if err > rtol * (float(want.abs().max()) or 1.0):
-                    raise VerificationError(
-                        f"The written adapter's module {target} does not hold the ΔW it should (max error {err:.2e}); "
-                        "nothing was written.",
-                        tensor=target,
-                    )
-        atomic.commit()
-
-
 def _module_seed(seed: int, target: str) -> torch.Generator:
     """One generator per module, independent of module order: seed + crc32(name)."""
     return torch.Generator().manual_seed((seed + zlib.crc32(target.encode())) % (2**63))
 
 
-def _matrix(m: LoraModule, coef: float = 1.0) -> torch.Tensor:
-    """coef · scale · B @ A in the canonical (fan_out, fan_in) orientation, float64."""
-    return (m.B.double() * (coef * m.scale)) @ m.A.double()
+def _matrix(m: LoraModule) -> torch.Tensor:
+    """ΔW in the canonical (fan_out, fan_in) orientation, float64."""
+    return m.delta.matrix(dtype=torch.float64)
+
+
+def _factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A), float64, ΔW = B @ A: the delta's own factors, or (ΔW, I) for kinds without any."""
+    f = m.delta.factors()
+    if f is not None:
+        return f
+    return _matrix(m), torch.eye(m.fan_in, dtype=torch.float64)
 
 
 def stack(
@@ -90,13 +75,17 @@ def stack(
     density: float | None = None,
     seed: int = 0,
     to: str = "peft",
-    overwrite: bool = False,
-    dry_run: bool = False,
-    verify: bool = True,
+    base: str | Path | None = None,
+    **options: object,
 ) -> AdapterResult:
     """One adapter from several: ``cat`` (exact), ``svd``/``linear`` (best rank-R of Σ wᵢΔWᵢ),
-    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (on ΔW, then rank R)."""
+    ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (on ΔW, then rank R).
+
+    Every adapter is bound like merge binds it — to ``base`` when given, so that kohya, diffusers
+    and PEFT names of the same module meet; without a base, names must already agree."""
     out = Path(out)
+    opts = Options.build(**options)  # type: ignore[arg-type]
+    spec(to, writing=True)
     if method not in METHODS:
         raise InvalidArgumentError(f"Unknown method {method!r}.", hint=f"Methods: {', '.join(METHODS)}.")
     if method == "cat" and (rank is not None or energy is not None):
@@ -109,21 +98,24 @@ def stack(
         raise InvalidArgumentError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}.")
     if not adapters:
         raise InvalidArgumentError("stack needs at least one adapter.")
-    ws = [float(w) for w in weights_per_adapter(adapters, weights)]  # type: ignore[arg-type]
-    if not dry_run:
-        check_output(out, inputs=[Path(a) for a in adapters if not isinstance(a, Adapter) and Path(a).exists()],
-                     overwrite=overwrite)
-    from ..hub import resolve
-
-    read = [a if isinstance(a, Adapter) else read_adapter(resolve(a, kind="adapter")) for a in adapters]
-    result = AdapterResult(out=None if dry_run else out)
+    ws = [float(w) for w in check_weights(weights, len(adapters))]  # type: ignore[arg-type]
+    if not opts.dry_run:
+        check_output(out, inputs=[Path(a) for a in [*adapters, base] if a is not None and not isinstance(a, Adapter)
+                                  and Path(a).exists()], overwrite=opts.overwrite)
+    read = [prepare_adapter(a, opts, base=base, open_orientation=True) for a in adapters]
+    result = AdapterResult(out=None if opts.dry_run else out)
     targets: dict[str, list[tuple[LoraModule, float]]] = {}
     for a, w in zip(read, ws):
         if a.meta.get("factor_orientation") and any(m.transposed is None for m in a.modules.values()):
             raise UnsupportedAdapterError(
-                f"{a.path}: raw factor pairs have no settled orientation; convert them with --base first.",
+                f"{a.path}: raw factor pairs have no settled orientation; pass --base, or convert them with --base "
+                "first.",
                 path=a.path,
             )
+        if a.meta.get("flat_names"):
+            raise UnsupportedAdapterError(
+                f"{a.path}: kohya names lose the dots of the module path, so they meet other adapters' names only "
+                "through a base model.", path=a.path, hint="Pass --base BASE (the model the adapters were made for).")
         for target, m in a.modules.items():
             if m.magnitude is not None:
                 raise UnsupportedAdapterError(
@@ -163,8 +155,9 @@ def stack(
                     f"({first.kind} {first.fan_out}×{first.fan_in} vs {m.kind} {m.fan_out}×{m.fan_in}).",
                     tensor=target,
                 )
-        total_rank = sum(m.rank for m, _ in parts)
-        B_cat, A_cat = algebra.concat([(m.B.double(), m.A.double(), w * m.scale) for m, w in parts])
+        factors = [_factors(m) for m, _ in parts]
+        total_rank = sum(int(B.shape[1]) for B, _ in factors)
+        B_cat, A_cat = algebra.concat([(B, A, w) for (B, A), (_, w) in zip(factors, parts)])
         if method == "cat":
             f = algebra.Factors(B_cat, A_cat)
             exact[target] = B_cat @ A_cat  # cat is checked against Σ wᵢ·ΔWᵢ itself
@@ -188,18 +181,20 @@ def stack(
         if any(m.bias is not None for m, _ in parts):
             bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
                        torch.zeros(first.fan_out, dtype=torch.float64))
-        dtype = first.A.dtype if first.A.is_floating_point() else torch.float32
-        modules[target] = first.with_(
-            A=f.A.to(dtype), B=f.B.to(dtype), scale=1.0, alpha=float(f.rank), magnitude=None,
-            bias=None if bias is None else bias.to(dtype), source_keys=(),
+        dtype = first.delta.dtype if first.delta.dtype.is_floating_point else torch.float32
+        modules[target] = lowrank_module(
+            target, f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank), kind=first.kind, transposed=first.transposed,
+            shape=first.shape, kernel=first.kernel, bias=None if bias is None else bias.to(dtype),
+            bias_target=first.bias_target if bias is not None else None,
         )
         result.modules.append(ModuleReport(target, f.rank, f.relative_error, note))
     result.replacements = sorted(replacements)
     adapter = Adapter(modules=modules, replacements=replacements,
                       meta={"format": to, "base_model": next((a.meta.get("base_model") for a in read), None),
                             "config": read[0].meta.get("config", {}), "base_copies": sorted(base_copies)})
-    if not dry_run:
-        _write(adapter, out, to=to, overwrite=overwrite, verify=verify, expected=exact if method == "cat" else None)
+    if not opts.dry_run:
+        write_adapter_output(adapter, out, opts, to=to, expected=exact if method == "cat" else
+                             {n: _matrix(m) for n, m in modules.items()})
     return result
 
 
@@ -210,32 +205,33 @@ def resize(
     rank: int | None = None,
     energy: float | None = None,
     to: str = "peft",
-    overwrite: bool = False,
+    **options: object,
 ) -> AdapterResult:
     """Truncate every module to rank ≤ R (or the smallest rank holding ``energy`` of ‖ΔW‖²)."""
+    opts = Options.build(**options)  # type: ignore[arg-type]
+    spec(to, writing=True)
     if rank is None and energy is None:
         raise InvalidArgumentError("resize needs --rank or --energy.")
     if energy is not None and not 0 < energy <= 1:
         raise InvalidArgumentError("--energy is a fraction in (0, 1].")
     out = Path(out)
-    from ..hub import resolve
-
-    if not isinstance(adapter, Adapter):
-        adapter = resolve(adapter, kind="adapter")
-        check_output(out, inputs=[Path(adapter)], overwrite=overwrite)
-    a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+    check_output(out, inputs=[Path(p) for p in [adapter] if not isinstance(p, Adapter) and Path(p).exists()],
+                 overwrite=opts.overwrite)
+    a = prepare_adapter(adapter, opts, open_orientation=True)
     result = AdapterResult(out=out, warnings=list(a.warnings))
     modules = {}
     for target, m in sorted(a.modules.items()):
         if m.magnitude is not None:
             raise UnsupportedAdapterError(f"DoRA module {target} cannot be resized (its magnitude depends on ΔW).",
                                           tensor=target)
-        f = algebra.factorize_lowrank(m.B.double() * m.scale, m.A.double(), rank=rank, energy=energy)
-        modules[target] = m.with_(A=f.A.to(m.A.dtype), B=f.B.to(m.B.dtype), scale=1.0, alpha=float(f.rank),
+        B, A = _factors(m)
+        f = algebra.factorize_lowrank(B, A, rank=rank, energy=energy)
+        dtype = m.delta.dtype
+        modules[target] = m.with_(delta=LowRank(f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank)),
                                   bias=None if m.bias is None else m.bias * m.scale)
         result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
-    _write(out_adapter, out, to=to, overwrite=overwrite)
+    write_adapter_output(out_adapter, out, opts, to=to)
     return result
 
 
@@ -258,8 +254,7 @@ def extract(
     embeddings: str = "full",
     norms: str = "full",
     to: str = "peft",
-    overwrite: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    **options: object,
 ) -> AdapterResult:
     """A LoRA from a fine-tuned checkpoint minus its base: SVD of TUNED − BASE per 2-D tensor
     (float32), streamed tensor pair by tensor pair.
@@ -272,12 +267,15 @@ def extract(
         raise InvalidArgumentError("extract needs --rank or --energy.")
     if embeddings not in ("full", "lora", "skip") or norms not in ("full", "skip"):
         raise InvalidArgumentError("--embeddings is full, lora or skip; --norms is full or skip.")
-    from ..hub import resolve
-
+    opts = Options.build(**options)  # type: ignore[arg-type]
+    spec(to, writing=True)
+    progress = opts.progress
     out = Path(out)
-    base, tuned = resolve(base), resolve(tuned)
-    check_output(out, inputs=[Path(base), Path(tuned)], overwrite=overwrite)
-    b, t = open_checkpoint(base), open_checkpoint(tuned)
+    check_output(out, inputs=[Path(p) for p in (base, tuned) if Path(p).exists()], overwrite=opts.overwrite)
+    b_base, t_base = open_base(base), open_base(tuned)
+    if b_base.is_pipeline or t_base.is_pipeline:
+        raise InvalidArgumentError("extract works on one model; pass a pipeline's component folders (e.g. BASE/unet).")
+    b, t = b_base.parts[""], t_base.parts[""]
     missing = sorted(set(b.tensors) ^ set(t.tensors))
     if missing:
         raise ShapeMismatchError(
@@ -319,8 +317,8 @@ def extract(
         M = D.T if transposed else D.reshape(D.shape[0], -1)
         f = algebra.factorize_dense(M, rank=rank, energy=energy)
         kind = "embedding" if emb else ("conv" if kernel else "linear")
-        modules[name] = LoraModule(target=name, A=f.A.contiguous(), B=f.B.contiguous(), scale=1.0, alpha=float(f.rank),
-                                   kind=kind, transposed=transposed, shape=tuple(D.shape), kernel=kernel)
+        modules[name] = lowrank_module(name, f.A.contiguous(), f.B.contiguous(), 1.0, float(f.rank), kind=kind,
+                                       transposed=transposed, shape=tuple(D.shape), kernel=kernel)
         result.modules.append(ModuleReport(name, f.rank, f.relative_error))
     # a module kept whole must be complete (PEFT's modules_to_save loads every parameter of it)
     lora_modules = {n.removesuffix(".weight") for n in modules}
@@ -335,5 +333,5 @@ def extract(
     if not modules and not replacements:
         raise InvalidArgumentError("TUNED equals BASE in every tensor: there is nothing to extract.")
     adapter = Adapter(modules=modules, replacements=replacements, meta={"format": to, "base_model": None})
-    _write(adapter, out, to=to, overwrite=overwrite)
+    write_adapter_output(adapter, out, opts, to=to)
     return result

@@ -25,21 +25,27 @@ import numpy as np
 import torch
 
 from ..checkpoint.reader import UNDO_FILE, Checkpoint
-from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors, tensor_bytes
+from ..checkpoint.safetensors_io import StreamWriter, load_tensor, read_header, save_tensors, tensor_bytes
+from ..errors import CorruptFileError
+from ..jsonio import load_json
 from .plan import UndoData
 
 RECORD_KEY = "loratools"
 
 
 def read_record(ckpt: Checkpoint) -> dict | None:
-    """The provenance record of a checkpoint written by loratools (None for any other)."""
+    """The provenance record of a checkpoint written by loratools (None for any other). A record
+    that is there but broken is a CorruptFileError: unmerge's safety check must not silently
+    switch itself off."""
     for shard in ckpt.shards:
         if shard.header is not None and RECORD_KEY in shard.header.metadata:
-            try:
-                record = json.loads(shard.header.metadata[RECORD_KEY])
-                return record if isinstance(record, dict) else None
-            except json.JSONDecodeError:
-                return None
+            where = ckpt.path / shard.filename if not ckpt.is_file else ckpt.path
+            record = load_json(shard.header.metadata[RECORD_KEY], where=where, what="the loratools record")
+            adapters = record.get("adapters", [])
+            if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+                raise CorruptFileError(f"{where}: the loratools record's 'adapters' is not a list of records.",
+                                       path=where, hint="The file was changed after loratools wrote it.")
+            return record
     return None
 
 
@@ -82,8 +88,11 @@ def read_undo(ckpt: Checkpoint) -> UndoData | None:
     if not path.is_file():
         return None
     header = read_header(path)
-    meta = json.loads(header.metadata.get(RECORD_KEY, "{}"))
-    undo = UndoData(adapters=list(meta.get("adapters", [])), sha256=dict(meta.get("sha256", {})))
+    meta = load_json(header.metadata.get(RECORD_KEY, "{}"), where=path, what="the undo record")
+    adapters, sha = meta.get("adapters", []), meta.get("sha256", {})
+    if not isinstance(adapters, list) or not isinstance(sha, dict):
+        raise CorruptFileError(f"{path}: the undo record is damaged.", path=path)
+    undo = UndoData(adapters=list(adapters), sha256=dict(sha))
     for key, info in header.tensors.items():
         kind, _, name = key.partition("::")
         t = load_tensor(info)
@@ -136,17 +145,16 @@ class UndoSpill:
 
     def finish(self, path: Path, adapters: list[dict]) -> int:
         """Join the parts into ``path`` (bytes copied, nothing loaded); returns its size, 0 if empty."""
-        from ..checkpoint.safetensors_io import StreamWriter
-
         if not self.parts:
             return 0
         infos = sorted((info for p in self.parts for info in read_header(p).tensors.values()), key=lambda i: i.name)
         meta = {"adapters": adapters, "sha256": self.sha256}
         writer = StreamWriter(path, [(i.name, i.dtype, i.shape) for i in infos],
                               {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
+        by_name = {i.name: i for i in infos}
         try:
-            for info in infos:
-                writer.copy_range(info.name, info)
+            for name in getattr(writer, "order", list(by_name)):
+                writer.copy_range(name, by_name[name])
         except BaseException:
             writer.abort()
             raise

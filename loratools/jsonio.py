@@ -1,0 +1,100 @@
+"""Every JSON loratools reads from a file goes through here.
+
+Configs (``adapter_config.json``, ``config.json``, indexes), safetensors metadata values, GGUF
+metadata strings and provenance records are untrusted input: a file a user downloaded may hold
+anything. :func:`load_json` turns every way JSON can be broken (not UTF-8, not JSON, nested
+thousands deep, a 5,000-digit number, the wrong top-level type) into one :class:`CorruptFileError`
+that names the file and what it was supposed to be; the typed getters do the same for fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import CorruptFileError
+
+__all__ = ["load_json", "read_json", "get_field", "dump_json"]
+
+T = TypeVar("T")
+MAX_JSON_BYTES = 64 * 1024 * 1024
+_TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false"}
+
+
+def _corrupt(where: str | Path | None, what: str, why: str) -> CorruptFileError:
+    place = f"{where}: " if where else ""
+    return CorruptFileError(f"{place}{what} is not valid: {why}.", path=where,
+                            hint="The file may be damaged or written by a tool that does not follow the format; "
+                            "fix or re-download it.")
+
+
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(text: str | bytes, *, where: str | Path | None = None, what: str = "JSON",
+              expect: type | tuple[type, ...] | None = dict) -> Any:
+    """Parse ``text``; any failure (or a top level that is not ``expect``) is a CorruptFileError
+    naming ``where`` and ``what`` ("adapter_config.json", "the loratools record" …)."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise _corrupt(where, what, "it is not UTF-8 text") from None
+    except RecursionError:
+        raise _corrupt(where, what, "it is nested too deeply") from None
+    except (ValueError, TypeError) as e:  # JSONDecodeError, int digit limits, NaN/Infinity constants
+        raise _corrupt(where, what, f"it is not JSON ({str(e).splitlines()[0][:200]})") from None
+    if expect is not None and not isinstance(value, expect):
+        names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in (expect if isinstance(expect, tuple) else (expect,)))
+        raise _corrupt(where, what, f"it must be {names}, not {type(value).__name__}")
+    return value
+
+
+def read_json(path: Path, *, what: str | None = None, expect: type | tuple[type, ...] | None = dict) -> Any:
+    """:func:`load_json` of a file (read errors other than a missing file become CorruptFileError)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise _corrupt(path, what or path.name, f"it is {size} bytes, more than any config needs")
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise _corrupt(path, what or path.name, "it is a folder") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptFileError(f"Cannot read {path}: {e.strerror or e}.", path=path) from None
+    return load_json(data, where=path, what=what or path.name, expect=expect)
+
+
+def get_field(obj: dict[str, Any], key: str, kind: type[T] | tuple[type, ...], default: Any = None, *,
+              where: str | Path | None = None, what: str = "config",
+              check: Callable[[Any], bool] | None = None, must: str = "") -> Any:
+    """``obj[key]`` when it has type ``kind`` (an int is accepted for float; bool is never an int),
+    ``default`` when absent or null; anything else is a CorruptFileError naming the key."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if ok and check is not None and not check(value):
+        ok = False
+    if not ok:
+        names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in kinds)
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise _corrupt(where, f"{what} field {key!r}", f"it must be {must or names}, not {shown}")
+    return value
+
+
+def dump_json(value: Any, *, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, separators=None if indent else (",", ":"), ensure_ascii=False)

@@ -1,0 +1,423 @@
+"""The one owner of the flow: open → bind → plan → write → check → commit.
+
+Every command that writes (merge, unmerge, swap, convert, stack, resize, extract) runs through
+here, and ``info`` / ``verify`` run the same open → bind. Commands differ only in the plan they
+build, which they pass in:
+
+* checkpoint outputs (:func:`run_checkpoint`): a *planner* turns the bound inputs of one
+  checkpoint — a model, or one component of a diffusers pipeline — into a
+  :class:`~loratools.ops.plan.Plan`; the pipeline writes every plan (``ops/execute.py``), checks
+  the written files against float64 (``verify.py``) and moves the whole output into place;
+* adapter outputs (:func:`write_adapter_output`): the command builds the canonical adapter to
+  write; the pipeline refuses what the target format cannot hold, writes it, reads it back,
+  compares every module's ΔW in float64 with what it should be, and moves it into place.
+
+Nothing is written before every input has been read and bound, and nothing appears at OUT unless
+all of it was written and checked (``checkpoint/writer.AtomicOutput``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .adapter import Adapter, delta
+from .checkpoint.reader import Checkpoint, open_checkpoint
+from .checkpoint.writer import AtomicOutput, check_output
+from .errors import (InvalidArgumentError, LayoutAmbiguousError, LoraToolsError, ShapeMismatchError,
+                     UnboundModuleError, VerificationError)
+from .formats import FORMATS, check_can_hold, read_adapter, spec
+from .hub import parse_repo, resolve
+from .layout import bind
+from .ops.edits import Compute
+from .ops.execute import Result, write_plan
+from .ops.plan import AdapterInput, Plan, file_sha256
+from .ops.undo import undo_name
+from .options import LAYOUTS, Options
+from .verify import VerifyReport, verify_written
+
+__all__ = ["Base", "AdapterGroup", "open_base", "bind_groups", "prepare_adapter", "inspect_adapter", "Inspection",
+           "run_checkpoint", "write_adapter_output", "commit", "Planner"]
+
+R = TypeVar("R")
+AdapterRef = str | Path | Adapter
+
+
+# --- open --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """An opened base: a model (one checkpoint, component ``""``) or a diffusers pipeline folder
+    (one checkpoint per component; tensor names qualified as ``<component>.<name>`` for binding)."""
+
+    path: Path
+    parts: dict[str, Checkpoint]
+    repo_id: str | None = None  # the Hub repo it came from
+
+    @property
+    def is_pipeline(self) -> bool:
+        return "" not in self.parts
+
+    @property
+    def config(self) -> dict:
+        return self.parts[""].config if "" in self.parts else {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self.qualify(c, n): tuple(t.shape) for c, ck in self.parts.items() for n, t in ck.tensors.items()}
+
+    def qualify(self, component: str, name: str) -> str:
+        return f"{component}.{name}" if component else name
+
+    def component_of(self, name: str) -> tuple[str, str]:
+        if not self.is_pipeline:
+            return "", name
+        head, _, rest = name.partition(".")
+        return head, rest
+
+    def config_for(self, name: str) -> dict:
+        return self.parts[self.component_of(name)[0]].config
+
+
+def pipeline_components(folder: Path) -> list[str] | None:
+    """The component folders (unet, text_encoder…) of a diffusers pipeline, or None for a model."""
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        return None
+    comps = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any(f.suffix in (".safetensors", ".bin") for f in sub.iterdir() if f.is_file()):
+            comps.append(sub.name)
+    return comps
+
+
+def open_base(ref: str | Path) -> Base:
+    """A local path or Hub id, opened lazily (headers only)."""
+    repo = parse_repo(str(ref)) if not Path(ref).exists() else None
+    path = Path(resolve(ref, kind="checkpoint"))
+    components = pipeline_components(path)
+    if components is None:
+        return Base(path, {"": open_checkpoint(path)}, repo.repo_id if repo else None)
+    return Base(path, {c: open_checkpoint(path / c) for c in components}, repo.repo_id if repo else None)
+
+
+def read_one(ref: AdapterRef, options: Options, *, base: Base | None = None) -> Adapter:
+    if isinstance(ref, Adapter):
+        return ref
+    path = resolve(ref, kind="adapter")
+    return read_adapter(path, format=options.from_format, base_config=base.config if base else None,
+                        allow_skip=options.allow_skip)
+
+
+# --- bind --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterGroup:
+    """Adapters applied with one sign: +1 added (merge, the new side of swap), −1 taken out.
+    A weight of None is decided by the planner (unmerge: the weight recorded at merge time)."""
+
+    adapters: Sequence[AdapterRef]
+    weights: Sequence[float | None]
+    sign: float = 1.0
+
+
+def bind_groups(base: Base, groups: Sequence[AdapterGroup], options: Options) -> dict[str, list[AdapterInput]]:
+    """Read every adapter and bind it to ``base``; the inputs of each component that anything
+    binds to (``""`` for a model)."""
+    if not any(g.adapters for g in groups):
+        raise InvalidArgumentError("At least one adapter is needed.")
+    read = [[read_one(a, options, base=base) for a in g.adapters] for g in groups]
+    if not base.is_pipeline:  # BASE and ADAPTER the same raw file: the factors are not part of the model
+        for adapter in (a for g in read for a in g):
+            if adapter.path is not None and Path(adapter.path).resolve() == base.path.resolve():
+                base.parts[""].drop({k for m in adapter.modules.values() for k in m.source_keys})
+    shapes = base.shapes()
+    config = base.config_for if base.is_pipeline else base.config
+    inputs: dict[str, list[AdapterInput]] = {c: [] for c in base.parts}
+    count = 0
+    for adapters, g in zip(read, groups):
+        for adapter, w in zip(adapters, g.weights):
+            count += 1
+            bound = bind(adapter, shapes, base_config=config, layout=options.layout)
+            label = str(adapter.path) if adapter.path else f"adapter {count}"
+            sha = file_sha256(adapter.files)
+            for component, part in split_components(bound, base).items():
+                ckpt = base.parts[component]
+                if g.sign > 0:  # PEFT saves a copy of an embedding beside its LoRA: equal to the base, no change
+                    same = [n for n, t in part.replacements.items()
+                            if t.dtype == ckpt.tensors[n].torch_dtype and torch.equal(t, ckpt.get(n))]
+                    for n in same:
+                        del part.replacements[n]
+                inputs[component].append(AdapterInput(part, w, sha, label, sign=g.sign))
+    if base.is_pipeline and not any(inputs.values()):
+        raise InvalidArgumentError(f"No adapter module binds to any component of {base.path}.")
+    return {c: ins for c, ins in inputs.items() if ins or not base.is_pipeline}
+
+
+def split_components(bound: Adapter, base: Base) -> dict[str, Adapter]:
+    """A bound adapter by component, names made relative to it (a model: itself under ``""``)."""
+    if not base.is_pipeline:
+        return {"": bound}
+    parts: dict[str, Adapter] = {}
+    for component in base.parts:
+        head = component + "."
+        modules = {n[len(head):]: m.with_(target=n[len(head):],
+                                          bias_target=m.bias_target and m.bias_target[len(head):])
+                   for n, m in bound.modules.items() if n.startswith(head)}
+        repl = {n[len(head):]: t for n, t in bound.replacements.items() if n.startswith(head)}
+        if modules or repl:
+            parts[component] = Adapter(modules=modules, replacements=repl, meta=dict(bound.meta),
+                                       warnings=list(bound.warnings), path=bound.path, files=bound.files)
+    return parts
+
+
+def prepare_adapter(ref: AdapterRef, options: Options, *, base: str | Path | None = None, scale: float | None = None,
+                    open_orientation: bool = False) -> Adapter:
+    """Read and bind one adapter as far as writing it elsewhere needs.
+
+    Raw factor files are bound to ``base``, or to themselves when they also hold the weights; a
+    factor-only raw file without a base needs ``options.layout`` — unless ``open_orientation``,
+    which returns it with its orientation left open (for reading, not writing).
+    """
+    opened = open_base(base) if base is not None else None
+    if opened is not None and opened.is_pipeline:
+        raise InvalidArgumentError(f"{base} is a diffusers pipeline folder; pass the component's folder "
+                                   "(e.g. BASE/unet) to bind one adapter.")
+    a = read_one(ref, options, base=opened)
+    if scale is not None:
+        if a.format != "raw":
+            raise InvalidArgumentError(
+                f"--scale applies to raw factor files; a {a.format} adapter carries its own scale.",
+                hint="Leave out --scale.",
+            )
+        a = replace(a, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in a.modules.items()})
+    if opened is None and a.format == "raw" and a.meta.get("base_keys") and a.path is not None:
+        opened = open_base(a.path)  # the file holds the module weights too
+    if opened is not None:
+        ckpt = opened.parts[""]
+        if a.path is not None and Path(a.path).resolve() == opened.path.resolve():
+            ckpt.drop({k for m in a.modules.values() for k in m.source_keys})
+        bound = bind(a, {n: t.shape for n, t in ckpt.tensors.items()}, base_config=ckpt.config, layout=options.layout)
+        bound.meta["base_config"] = ckpt.config
+        return bound
+    if options.layout is not None:
+        transposed = {"in-r-out": True}.get(options.layout, False)
+        modules = {n: (m.with_(transposed=transposed) if m.transposed is None else m) for n, m in a.modules.items()}
+        a = replace(a, modules=modules)
+        return bind(a, {n: m.storage_shape(bool(m.transposed)) for n, m in a.modules.items()}, layout=options.layout)
+    undecided = [n for n, m in a.modules.items() if m.transposed is None and a.meta.get("factor_orientation")]
+    if undecided and not open_orientation:
+        raise LayoutAmbiguousError(
+            f"The orientation of {len(undecided)} module(s) cannot be known without the base: "
+            f"{', '.join(undecided[:4])}{' …' if len(undecided) > 4 else ''}.",
+            hint="Pass --base BASE, or declare --layout (" + ", ".join(LAYOUTS) + ").",
+        )
+    return a
+
+
+@dataclass
+class Inspection:
+    """An adapter as ``info`` shows it: bound where it binds, and why the rest does not."""
+
+    adapter: Adapter
+    unbound: dict[str, str] = field(default_factory=dict)  # module → why it does not bind
+
+
+def inspect_adapter(ref: AdapterRef, options: Options, *, base: str | Path | None = None,
+                    scale: float | None = None) -> Inspection:
+    """open → bind for ``info``: with a base, bind what binds and report the rest module by module."""
+    if base is None:
+        return Inspection(prepare_adapter(ref, options, scale=scale, open_orientation=True))
+    try:
+        return Inspection(prepare_adapter(ref, options, base=base, scale=scale))
+    except (UnboundModuleError, ShapeMismatchError, LayoutAmbiguousError):
+        pass
+    opened = open_base(base)
+    ckpt = opened.parts[""]
+    adapter = read_one(ref, options, base=opened)
+    if scale is not None and adapter.format == "raw":
+        adapter = replace(adapter, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in adapter.modules.items()})
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    bound_modules = {}
+    unbound = {}
+    for name, m in adapter.modules.items():
+        try:
+            one = bind(replace(adapter, modules={name: m}, replacements={}), shapes, base_config=ckpt.config,
+                       layout=options.layout)
+            bound_modules.update(one.modules)
+        except UnboundModuleError:
+            unbound[name] = "no tensor of that name in the base"
+        except LoraToolsError as e:
+            unbound[name] = e.message
+    for name, t in adapter.replacements.items():
+        try:
+            bind(replace(adapter, modules={}, replacements={name: t}), shapes, base_config=ckpt.config)
+        except UnboundModuleError:
+            unbound[name] = "no tensor of that name in the base (full tensor)"
+        except LoraToolsError as e:
+            unbound[name] = e.message
+    return Inspection(replace(adapter, modules=bound_modules), unbound)
+
+
+# --- commit ------------------------------------------------------------------------------------------------------
+
+
+def commit(out: Path, options: Options, *, write: Callable[[Path], R], single_file: bool = False,
+           stale: Sequence[Path] = ()) -> R:
+    """Run ``write(tmp)`` (which writes and checks) in a temporary folder beside ``out``, then
+    move the result into place in one rename; on any failure nothing appears at ``out``."""
+    atomic = AtomicOutput(out, overwrite=options.overwrite, single_file=single_file)
+    atomic.stale = list(stale)
+    with atomic as tmp:
+        result = write(tmp)
+        atomic.commit()
+    return result
+
+
+def _input_paths(refs: Sequence[Any]) -> list[Path]:
+    paths = [Path(p) for p in refs if p is not None and not isinstance(p, Adapter)]
+    return list(dict.fromkeys(p for p in paths if p.exists()))
+
+
+# --- checkpoint outputs ------------------------------------------------------------------------------------------
+
+Planner = Callable[[Checkpoint, list[AdapterInput], Path, str | None], Plan]
+"""(checkpoint, its bound inputs, the checkpoint's path, the base's Hub id) → the plan for it."""
+
+
+def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: str | Path, options: Options, *,
+                   planner: Planner, operation: str) -> Result:
+    """open → bind → plan → write → check → commit for merge, unmerge and swap."""
+    out = Path(out)
+    refs = [base_ref] + [a for g in groups for a in g.adapters]
+    paths = _input_paths(refs)
+    if not options.dry_run and len(paths) == len([r for r in refs if not isinstance(r, Adapter)]):
+        check_output(out, inputs=paths, overwrite=options.overwrite)  # before any work; else a reader names the miss
+    base = open_base(base_ref)
+    single_file = out.suffix == ".safetensors"
+    if single_file and base.is_pipeline:
+        raise InvalidArgumentError(f"{base.path} is a diffusers pipeline folder: OUT must be a folder.")
+    if single_file and not base.parts[""].is_file:
+        raise InvalidArgumentError(
+            f"OUT {out} is a .safetensors file, but {base.path} is a folder.",
+            hint="Give a folder as OUT: it receives the weights, index and config files.",
+        )
+    inputs = bind_groups(base, groups, options)
+    plans = {c: planner(base.parts[c], ins, base.path / c if c else base.path, base.repo_id)
+             for c, ins in inputs.items()}
+    warnings = [w for p in plans.values() for w in p.warnings]
+    if options.dry_run:
+        return Result(out=None, warnings=warnings, plan=plans.get(""), plans=plans if base.is_pipeline else None)
+    check_output(out, inputs=_input_paths(refs), overwrite=options.overwrite)
+    compute = Compute(options.compute_dtype, options.torch_device)
+
+    def write(tmp: Path) -> Result:
+        result = Result(out=out, plans=plans if base.is_pipeline else None, plan=plans.get(""))
+        report = VerifyReport()
+        if base.is_pipeline:
+            for entry in sorted(base.path.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.name in plans:
+                    _write_one(plans[entry.name], tmp / entry.name, compute, options, result, report,
+                               prefix=entry.name + ".")
+                elif entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name)
+                else:
+                    shutil.copy2(entry, tmp / entry.name)
+        else:
+            _write_one(plans[""], tmp, compute, options, result, report, single_name=out.name if single_file else None)
+        result.verify = report if options.verify != "none" else None
+        return result
+
+    stale = [out.parent / undo_name(out, True)] if single_file else []
+    result = commit(out, options, write=write, single_file=single_file, stale=stale)
+    result.out = out
+    return result
+
+
+def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, result: Result, report: VerifyReport, *,
+               single_name: str | None = None, prefix: str = "") -> None:
+    """write → check for one checkpoint; the totals go into ``result``."""
+    part, files = write_plan(plan, folder, compute=compute, single_name=single_name, progress=options.progress)
+    if options.verify != "none":
+        checked = verify_written(plan, files, fp64=compute.dtype == torch.float64)
+        if not checked.ok:
+            raise VerificationError(
+                f"{plan.operation}: the written output failed verification; nothing was written. " + checked.summary(),
+                hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
+            )
+        report.checks += checked.checks
+    result.changed += [prefix + n for n in part.changed]
+    result.copied += part.copied
+    result.bytes_written += part.bytes_written
+    result.undo_bytes += part.undo_bytes
+    result.warnings += part.warnings
+    result.seconds += part.seconds
+
+
+# --- adapter outputs ---------------------------------------------------------------------------------------------
+
+
+def max_delta_error(a: Adapter, b: Adapter) -> float:
+    """The largest relative difference between the two adapters' ΔW, module by module (float64)."""
+    if set(a.modules) != set(b.modules):
+        missing = sorted(set(a.modules) ^ set(b.modules))
+        raise VerificationError(f"The written adapter's modules differ from the input's: {', '.join(missing[:6])}.")
+    worst = 0.0
+    for name, m in a.modules.items():
+        x = delta(m, dtype=torch.float64)
+        y = delta(b.modules[name].with_(shape=m.shape, transposed=m.transposed), dtype=torch.float64)
+        denom = float(x.abs().max()) or 1.0
+        worst = max(worst, float((x - y).abs().max()) / denom)
+    return worst
+
+
+def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *, to: str,
+                         expected: dict[str, torch.Tensor] | None = None, tolerance: float | None = None,
+                         context: dict[str, Any] | None = None) -> float:
+    """write → check → commit an adapter in format ``to``. The written files are read back and
+    every module's ΔW compared in float64 with ``expected`` (canonical (out, in) matrices, when the
+    command computed the exact result itself) or with ``adapter``'s own; the largest relative
+    difference must stay within ``tolerance`` (default: two ulps of the factors' dtype, the one
+    rounding a scale folded into B may cost). Returns that difference."""
+    s = spec(to, writing=True)
+    check_can_hold(s.name, adapter)
+    ctx = dict(context or {})
+    module = s.load()
+
+    def write(tmp: Path) -> float:
+        module.write(adapter, tmp, **ctx)
+        if options.verify == "none":
+            return 0.0
+        back = module.read(tmp, **ctx)
+        if expected is None:
+            err = max_delta_error(adapter, back)
+            factor_dtype = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
+                                 if t.is_floating_point()), torch.float32)
+            limit = tolerance if tolerance is not None else 2 * torch.finfo(factor_dtype).eps
+        else:
+            err = 0.0
+            for target, want in expected.items():
+                got = back.modules.get(target)
+                diff = float("inf") if got is None else float(
+                    (got.delta.matrix(dtype=torch.float64) - want).abs().max())
+                err = max(err, diff / (float(want.abs().max()) or 1.0))
+            limit = tolerance if tolerance is not None else 1e-6
+        if err > limit:
+            raise VerificationError(
+                f"the written {to} adapter does not reproduce the ΔW it should (max relative error {err:.2e}); "
+                "nothing was written.",
+                hint="This is a bug in loratools; please report it with the command you ran.",
+            )
+        return err
+
+    return commit(Path(out), options, write=write)
+
+
+__all__ += ["max_delta_error", "pipeline_components", "split_components", "read_one", "FORMATS"]
