@@ -170,7 +170,7 @@ def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = Fa
     if info.dtype == t.source.dtype and t.source.begin >= 0:
         return TensorCheck(t.name, t.out_dtype, "ok" if same_bytes(t.source, info) else "FAIL", "identical")
     # a cast without ops (--dtype): one rounding of the source value
-    src = plan.base.get(t.name).to(BY_ST[info.dtype].torch)
+    src = plan.base.get(t.name).to(info.torch_dtype)
     return TensorCheck(t.name, info.dtype, "ok" if torch.equal(load_tensor(info), src) else "FAIL", "identical")
 
 

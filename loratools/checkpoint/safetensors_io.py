@@ -1,32 +1,49 @@
-"""The safetensors file format, read and written a tensor at a time.
+"""The safetensors format: what the ``safetensors`` library cannot do for us, and nothing more.
 
 A file is: 8 bytes little-endian header length N, N bytes of JSON header
 (``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``), then the
 data; offsets are relative to the end of the header and must tile the data without gaps.
 
-Reading parses the header ourselves (to validate it, and to know byte ranges so untouched tensors
-are copied byte for byte) and loads tensors through ``safetensors.safe_open``. Writing streams: the
-header is written first from the planned names, dtypes and shapes, then each tensor's bytes in
-order, so no more than one tensor is ever held in memory.
+The library is the judge of the format: :func:`read_header` has ``safetensors.safe_open`` validate
+every file and :func:`load_tensor` reads tensors through it (memory-mapped). Two things it does not
+offer are done here. Byte ranges, so untouched tensors are copied byte for byte: the header JSON is
+parsed again (bounded, nothing it claims allocated) and cross-checked against what the library
+reports. And a streaming writer: :class:`StreamWriter` writes the header first from the planned
+names, dtypes and shapes, then each tensor's bytes, so no more than one tensor is held in memory;
+it lays the data out so that every tensor starts at a multiple of its item size.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
+from safetensors import safe_open
 
-from ..dtypes import BY_ST, st_name
-from ..errors import CorruptFileError
+from ..dtypes import BY_ST, SUB_BYTE_ST, st_name
+from ..errors import CorruptFileError, UnsupportedAdapterError
 
-MAX_HEADER = 100 * 1024 * 1024
+try:
+    from ..errors import InternalError as _InternalError
+except ImportError:  # pragma: no cover - older errors.py
+    _InternalError = RuntimeError  # type: ignore[misc,assignment]
+
+MAX_HEADER = 100_000_000  # the safetensors library's own limit on N
 COPY_CHUNK = 64 * 1024 * 1024
+_MAX_HANDLES = 4  # safe_open handles kept open (each one maps its file; none keeps a descriptor)
+_MAX_DIGITS = 20  # no header number beyond 2**64 - 1 is meaningful
+
+
+def _short(x: object, limit: int = 80) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,17 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return BY_ST[self.dtype].torch
+        """The torch dtype; UnsupportedAdapterError when the installed torch lacks it."""
+        found = BY_ST[self.dtype].torch
+        if found is None:
+            raise UnsupportedAdapterError(
+                f"Tensor {self.name!r} in {self.file} is stored as {self.dtype}, which torch {torch.__version__} "
+                f"does not have (torch.{BY_ST[self.dtype].torch_name}).",
+                path=self.file,
+                tensor=self.name,
+                hint="Upgrade torch to read it; its bytes can still be copied unchanged.",
+            )
+        return found
 
 
 @dataclass(frozen=True)
@@ -55,8 +82,120 @@ class Header:
     data_start: int
 
 
+class _Bad(Exception):
+    """What is wrong with a header, in words (never escapes this module)."""
+
+
+class _Unsupported(_Bad):
+    """A valid file that loratools cannot handle."""
+
+
+class _TooLong:
+    """Stands for a JSON integer of more than ``_MAX_DIGITS`` digits (never converted)."""
+
+    def __repr__(self) -> str:
+        return "<integer of more than 20 digits>"
+
+
+_TOO_LONG = _TooLong()
+
+
+def _int_or_marker(text: str) -> object:
+    return int(text) if len(text) <= _MAX_DIGITS else _TOO_LONG
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Bad(f"its header names {_short(k)} twice")
+            seen.add(k)
+    return out
+
+
+def _is_uint(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _parse(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Our reading of the header (raises _Bad): infos in data order, and the metadata."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Bad(f"its header is not JSON ({e})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_int_or_marker)
+    except json.JSONDecodeError as e:
+        raise _Bad(f"its header is not JSON ({e})") from None
+    except RecursionError:
+        raise _Bad("its header is not JSON (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise _Bad("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Bad("__metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise _Bad(f"entry {_short(name)} lacks dtype, shape or data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in BY_ST:
+            if isinstance(dtype, str) and dtype in SUB_BYTE_ST:
+                raise _Unsupported(f"tensor {_short(name)} has dtype {dtype}, whose elements are smaller than a "
+                                   "byte; loratools does not read or copy those")
+            raise _Bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise _Bad(f"tensor {_short(name)} has invalid shape {_short(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _Bad(f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
+        b, e = offsets
+        # the byte count, stopping as soon as it exceeds what the offsets claim (no huge products)
+        count = 0 if 0 in shape else BY_ST[dtype].itemsize
+        for s in shape:
+            count *= s
+            if count > e - b:
+                break
+        if count != e - b:
+            raise _Bad(f"tensor {_short(name)}: {e - b} bytes do not hold shape {_short(shape)} of {dtype}")
+        if e > data_size:
+            raise _Bad(f"tensor {_short(name)} ends at byte {e} of the data, but the file holds {data_size} "
+                       "(truncated?)")
+        infos.append(TensorInfo(name, path, dtype, tuple(shape), data_start + b, data_start + e))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    pos = data_start
+    for t in infos:
+        if t.begin != pos:
+            raise _Bad(f"tensor {_short(t.name)} does not start where the previous one ends")
+        pos = t.end
+    if pos != size:
+        raise _Bad(f"the header describes {pos} bytes but the file has {size} (truncated?)")
+    return infos, metadata
+
+
+def _library_view(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str], list[str] | None]:
+    """What safetensors reads in the file: {name: (dtype, shape)}, metadata, names in offset order."""
+    with safe_open(path, framework="pt") as f:
+        seen = {}
+        for name in f.keys():
+            s = f.get_slice(name)
+            seen[name] = (s.get_dtype(), tuple(s.get_shape()))
+        offset_keys = getattr(f, "offset_keys", None)
+        return seen, dict(f.metadata() or {}), list(offset_keys()) if offset_keys else None
+
+
 def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header; raise CorruptFileError naming the file."""
+    """Parse and validate a safetensors header; raise CorruptFileError naming the file.
+
+    The safetensors library validates the file; the header is also parsed here, for the byte
+    ranges, and both readings must agree.
+    """
 
     def corrupt(why: str) -> CorruptFileError:
         return CorruptFileError(
@@ -66,7 +205,7 @@ def read_header(path: Path) -> Header:
         )
 
     try:
-        size = path.stat().st_size
+        size = os.stat(path).st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -75,57 +214,105 @@ def read_header(path: Path) -> Header:
             if n > MAX_HEADER or 8 + n > size:
                 raise corrupt(f"header length {n} does not fit a file of {size} bytes")
             raw = f.read(n)
+            if len(raw) != n:
+                raise corrupt("it ended inside its header")
     except OSError as e:
         raise CorruptFileError(f"Cannot read {path}: {e.strerror or e}.", path=path) from e
+
+    library_error: str | None = None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise corrupt(f"its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise corrupt("its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise corrupt("__metadata__ must map strings to strings")
-    data_start = 8 + n
-    infos: list[TensorInfo] = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"entry {name!r} lacks dtype, shape or data_offsets") from None
-        if dtype not in BY_ST:
-            raise corrupt(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if any(s < 0 for s in shape) or not (0 <= b <= e):
-            raise corrupt(f"tensor {name!r} has invalid shape or offsets")
-        if (e - b) != math.prod(shape) * BY_ST[dtype].itemsize:
-            raise corrupt(f"tensor {name!r}: {e - b} bytes do not hold shape {list(shape)} of {dtype}")
-        infos.append(TensorInfo(name, path, dtype, shape, data_start + b, data_start + e))
-    infos.sort(key=lambda t: (t.begin, t.end))
-    pos = data_start
-    for t in infos:
-        if t.begin != pos:
-            raise corrupt(f"tensor {t.name!r} does not start where the previous one ends")
-        pos = t.end
-    if pos != size:
-        raise corrupt(f"the header describes {pos} bytes but the file has {size} (truncated?)")
-    return Header(path, {t.name: t for t in infos}, dict(metadata), data_start)
+        seen, seen_meta, offset_order = _library_view(path)
+    except Exception as e:  # SafetensorError, OSError, anything: the library refuses the file
+        library_error = " ".join(str(e).split())[:400] or type(e).__name__
+    try:
+        infos, metadata = _parse(path, raw, size)
+    except _Unsupported as e:
+        raise CorruptFileError(f"{path}: {e}.", path=path) from None
+    except _Bad as e:
+        raise corrupt(str(e)) from None
+    except Exception as e:  # a bug in the parse above must still not let a raw exception out
+        raise corrupt(f"its header cannot be read ({type(e).__name__})") from None
+    if library_error is not None:
+        for row in BY_ST.values():
+            if f"unknown variant `{row.st}`" in library_error:
+                import safetensors
+
+                raise CorruptFileError(
+                    f"{path} holds {row.st} tensors, which safetensors {safetensors.__version__} cannot read.",
+                    path=path,
+                    hint="Upgrade safetensors (pip install -U safetensors).",
+                )
+        raise corrupt(f"the safetensors library refuses it ({library_error})")
+    ours = {t.name: (t.dtype, t.shape) for t in infos}
+    if ours != seen:
+        differ = sorted(set(ours) ^ set(seen)) or sorted(k for k in ours if ours[k] != seen[k])
+        raise corrupt(f"the safetensors library reads its header differently (at {_short(differ[0])})")
+    if metadata != seen_meta:
+        raise corrupt("the safetensors library reads its __metadata__ differently")
+    if offset_order is not None:
+        filled = [t.name for t in infos if t.nbytes]  # zero-size tensors share offsets: any order
+        filled_set = set(filled)
+        if [k for k in offset_order if k in filled_set] != filled:
+            raise corrupt("the safetensors library orders its tensors differently")
+    return Header(path, {t.name: t for t in infos}, dict(metadata), 8 + n)
+
+
+# safe_open handles, most recently used last, keyed by what identifies the file's current content.
+_handles: OrderedDict[tuple, Any] = OrderedDict()
+_handles_lock = threading.Lock()
+
+
+def _close(handle: Any) -> None:
+    try:
+        handle.__exit__(None, None, None)
+    except Exception:
+        pass
+
+
+def _forget(path: Path) -> None:
+    """Close the cached handles of ``path`` (before it is written)."""
+    where = os.path.abspath(path)
+    with _handles_lock:
+        for key in [k for k in _handles if k[0] == where]:
+            _close(_handles.pop(key))
 
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor from its byte range (a fresh, writable CPU tensor)."""
-    with open(info.file, "rb") as f:
-        f.seek(info.begin)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        got = 0
-        while got < info.nbytes:
-            k = f.readinto(view[got:])
-            if not k:
-                raise CorruptFileError(f"{info.file} ended inside tensor {info.name!r}.", path=info.file)
-            got += k
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.torch_dtype)
-    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+    """Read one tensor through ``safetensors.safe_open``: a fresh CPU tensor, independent of the file."""
+    dtype = info.torch_dtype  # a clear error if this torch lacks the dtype
+    where = os.path.abspath(info.file)
+    try:
+        st = os.stat(where)
+        key = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _handles_lock:
+            handle = _handles.pop(key, None)
+            if handle is None:
+                for stale in [k for k in _handles if k[0] == where]:
+                    _close(_handles.pop(stale))
+                handle = safe_open(where, framework="pt")
+            _handles[key] = handle
+            while len(_handles) > _MAX_HANDLES:
+                _close(_handles.popitem(last=False)[1])
+            view = handle.get_tensor(info.name)  # maps the file; copy-on-write, aligned or not
+    except OSError as e:
+        raise CorruptFileError(f"Cannot read {info.file}: {e.strerror or e}.", path=info.file) from e
+    except Exception as e:  # SafetensorError and the like
+        raise CorruptFileError(
+            f"Cannot read tensor {info.name!r} from {info.file}: {' '.join(str(e).split())}.",
+            path=info.file,
+            tensor=info.name,
+            hint="The file may have changed since it was opened, or be damaged.",
+        ) from None
+    if view.dtype != dtype or tuple(view.shape) != info.shape:
+        raise CorruptFileError(
+            f"{info.file} changed since it was opened: tensor {info.name!r} is now {view.dtype} "
+            f"{list(view.shape)}, not {info.dtype} {list(info.shape)}.",
+            path=info.file,
+            tensor=info.name,
+        )
+    # A copy: the view keeps the whole file mapped, and a mapping of a file that is later truncated or
+    # rewritten in place faults on access.
+    return view.clone(memory_format=torch.contiguous_format)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -138,51 +325,70 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class StreamWriter:
     """Writes one safetensors file whose entries are known in advance, tensor by tensor.
 
-    ``entries`` are (name, safetensors dtype, shape) in the order the data will be written.
-    Call :meth:`write_tensor` or :meth:`copy_range` once per entry, in order, then :meth:`close`.
+    ``entries`` are (name, safetensors dtype, shape). The data is laid out largest item size first
+    (a stable sort, so the given order holds among equal sizes): as the data starts 8-byte aligned,
+    every tensor starts at a multiple of its item size. :attr:`order` holds the names in that
+    order; call :meth:`write_tensor` or :meth:`copy_range` once per name, in that order, then
+    :meth:`close`. The header lists the entries in the given order.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        entries = list(entries)
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = metadata
+        for name, dtype, _ in entries:
+            if dtype not in BY_ST:
+                raise _internal(f"{name!r} planned with unknown dtype {dtype!r}")
+            if name in header:
+                raise _internal(f"{name!r} planned twice")
+            header[name] = None
+        self.order: list[str] = [e[0] for e in sorted(entries, key=lambda e: -BY_ST[e[1]].itemsize)]
+        planned = {name: (dtype, tuple(int(s) for s in shape)) for name, dtype, shape in entries}
         offset = 0
-        self._expected: list[tuple[str, int]] = []
-        for name, dtype, shape in entries:
-            n = math.prod(shape) * BY_ST[dtype].itemsize
+        self._expected: list[tuple[str, str, int]] = []
+        for name in self.order:
+            dtype, shape = planned[name]
+            n = BY_ST[dtype].itemsize
+            for s in shape:
+                n *= s
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._expected.append((name, n))
+            self._expected.append((name, dtype, n))
             offset += n
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data to 8 bytes
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, like the reference writer's
         self.path = path
+        _forget(path)
         self._f: BinaryIO = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        try:
+            self._f.write(struct.pack("<Q", len(raw)))
+            self._f.write(raw)
+        except BaseException:
+            self._f.close()
+            raise
         self._next = 0
         self.total = offset
 
-    def _take(self, name: str) -> int:
-        want, n = self._expected[self._next]
+    def _take(self, name: str, dtype: str, nbytes: int) -> None:
+        if self._next >= len(self._expected):
+            raise _internal(f"writing {name!r} after all {len(self._expected)} planned tensors of {self.path}")
+        want, want_dtype, n = self._expected[self._next]
         if want != name:
-            raise RuntimeError(f"internal: writing {name!r} where {want!r} was planned")
+            raise _internal(f"writing {name!r} where {want!r} was planned")
+        if dtype != want_dtype or nbytes != n:
+            raise _internal(f"{name!r} is {dtype} of {nbytes} bytes, {want_dtype} of {n} planned")
         self._next += 1
-        return n
 
     def write_tensor(self, name: str, t: torch.Tensor) -> None:
-        n = self._take(name)
         data = tensor_bytes(t)
-        if data.nbytes != n:
-            raise RuntimeError(f"internal: {name!r} has {data.nbytes} bytes, {n} planned")
+        self._take(name, st_name(t.dtype), data.nbytes)
         self._f.write(data)
 
     def copy_range(self, name: str, info: TensorInfo) -> None:
-        n = self._take(name)
-        if info.nbytes != n:
-            raise RuntimeError(f"internal: {name!r} has {info.nbytes} bytes, {n} planned")
+        self._take(name, info.dtype, info.nbytes)
         with open(info.file, "rb") as src:
             src.seek(info.begin)
-            left = n
+            left = info.nbytes
             while left:
                 chunk = src.read(min(COPY_CHUNK, left))
                 if not chunk:
@@ -193,7 +399,7 @@ class StreamWriter:
     def close(self) -> None:
         if self._next != len(self._expected):
             self._f.close()
-            raise RuntimeError(f"internal: {len(self._expected) - self._next} tensors not written to {self.path}")
+            raise _internal(f"{len(self._expected) - self._next} tensors not written to {self.path}")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -202,12 +408,18 @@ class StreamWriter:
         self._f.close()
 
 
+def _internal(message: str) -> RuntimeError:
+    if _InternalError is RuntimeError:
+        return RuntimeError(f"internal: {message}")
+    return _InternalError(message)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a small dict of tensors (adapters) in one go, in name order."""
+    """Write a small dict of tensors (adapters) in one go: header in name order, data in ``order``."""
     entries = [(k, st_name(v.dtype), tuple(v.shape)) for k, v in sorted(tensors.items())]
     w = StreamWriter(path, entries, metadata or {})
     try:
-        for k, _, _ in entries:
+        for k in w.order:
             w.write_tensor(k, tensors[k])
     except BaseException:
         w.abort()

@@ -160,7 +160,7 @@ def write_plan(
         by_name = {t.name: t for t in shard.tensors}
         writer = StreamWriter(path, [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors], base_meta)
         try:
-            for name in getattr(writer, "order", list(by_name)):
+            for name in writer.order:
                 t = by_name[name]
                 if t.copy and t.source.begin >= 0:
                     writer.copy_range(t.name, t.source)

@@ -153,7 +153,7 @@ class UndoSpill:
                               {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
         by_name = {i.name: i for i in infos}
         try:
-            for name in getattr(writer, "order", list(by_name)):
+            for name in writer.order:
                 writer.copy_range(name, by_name[name])
         except BaseException:
             writer.abort()
