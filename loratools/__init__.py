@@ -33,6 +33,9 @@ from .errors import __all__ as _errors_all
 
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraModule, delta
+    from .deltas import Delta, Full, LowRank
+    from .ops.check import verify_checkpoint
+    from .options import Options
     from .hub import push
     from .ops.convert import convert
     from .ops.execute import Result

@@ -15,13 +15,13 @@ and indexes the folder no longer has, and writes or completes the model card in 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import HubError, InvalidArgumentError
+from .jsonio import load_json, read_json
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx")
@@ -156,10 +156,7 @@ def _record(folder: Path) -> dict | None:
         except Exception:
             continue
         if "loratools" in meta:
-            try:
-                return json.loads(meta["loratools"])
-            except json.JSONDecodeError:
-                return None
+            return load_json(meta["loratools"], where=f, what="the loratools record")
     return None
 
 
@@ -190,10 +187,7 @@ def model_card(folder: Path, *, base_model: str | None, existing: str | None) ->
         if adapter:
             cfg = folder / "adapter_config.json"
             if cfg.is_file():
-                try:
-                    candidates.append(json.loads(cfg.read_text()).get("base_model_name_or_path"))
-                except json.JSONDecodeError:
-                    pass
+                candidates.append(read_json(cfg, what="the adapter config").get("base_model_name_or_path"))
         base_model = next((c for c in candidates if _looks_like_repo_id(c)), None)
     elif not _looks_like_repo_id(base_model):
         raise InvalidArgumentError(f"--base-model {base_model!r} is not a Hub repo id (org/name).",

@@ -7,7 +7,6 @@ a time from their byte range.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ..dtypes import BY_TORCH
 from ..errors import CheckpointNotFoundError, CorruptFileError
+from ..jsonio import read_json
 from .safetensors_io import Header, TensorInfo, load_tensor, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -118,15 +118,12 @@ def _open_folder(folder: Path) -> Checkpoint:
 
 
 def _open_index(folder: Path, index_path: Path) -> Checkpoint:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    index = read_json(index_path, what="the index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptFileError(
-            f"{index_path} is not a valid index (a JSON object with a 'weight_map').", path=index_path
-        ) from None
+            f"{index_path} is not a valid index (a JSON object with a 'weight_map' of file names).", path=index_path
+        )
     order: list[str] = []
     for fname in weight_map.values():
         if fname not in order:
@@ -149,7 +146,8 @@ def _open_index(folder: Path, index_path: Path) -> Checkpoint:
     for shard in ckpt.shards:
         shard.names = [n for n in shard.names if weight_map.get(n) == shard.filename]
     ckpt.tensors = {n: ckpt.tensors[n] for s in ckpt.shards for n in s.names}
-    ckpt.index_metadata = dict(index.get("metadata") or {})
+    meta = index.get("metadata")
+    ckpt.index_metadata = dict(meta) if isinstance(meta, dict) else {}
     return ckpt
 
 
@@ -189,11 +187,7 @@ def _open_files(folder: Path, files: list[Path], *, is_file: bool, index: Path |
             extra.append(p)
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
-        try:
-            loaded = json.loads(cfg_path.read_text())
-            config = loaded if isinstance(loaded, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            config = {}
+        config = read_json(cfg_path, what="the model config")
     return Checkpoint(
         path=files[0] if is_file else folder,
         is_file=is_file,

@@ -18,7 +18,7 @@ from ..adapter import Adapter
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.safetensors_io import TensorInfo
 from ..dtypes import BY_ST, st_name
-from ..errors import InternalError, InvalidArgumentError, UnsupportedAdapterError
+from ..errors import InternalError, UnsupportedAdapterError
 from .edits import AddBias, AddDelta, Dora, DoraUndo, Edit, Replace
 
 
