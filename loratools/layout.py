@@ -216,122 +216,108 @@ def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
                    source_keys=tuple(reversed(m.source_keys)))
 
 
-def bind(
-    adapter: Adapter,
-    shapes: Mapping[str, tuple[int, ...]],
-    *,
-    base_config: ConfigSource = None,
-    layout: str | None = None,
-) -> Adapter:
-    """Return ``adapter`` with every module's ``target``, ``shape`` and ``transposed`` settled.
-
-    Raises UnboundModuleError for a module or replacement with no tensor in the base,
-    ShapeMismatchError when factors do not fit, LayoutAmbiguousError when a square module's
-    orientation cannot be known.
-    """
-    missing: list[str] = []
-    modules: dict[str, LoraModule] = {}
-    undecided: list[tuple[LoraModule, str, tuple[int, ...]]] = []
-    votes: set[bool] = set()
-    layout_default = {"out-r-in": False, "linear-ab": False, "in-r-out": True}.get(layout or "")
-    flat = flat_index(shapes) if adapter.meta.get("flat_names") else None
-    for m in adapter.modules.values():
-        name = resolve_name(m.target, shapes) if flat is None else resolve_flat(m.target, flat)
-        if name is None and adapter.meta.get("sibling_binding"):
-            name = sibling_target(m, shapes)
-        if name is None:
-            missing.append(m.target)
-            continue
-        if name in modules or any(u[1] == name for u in undecided):
-            raise LayoutAmbiguousError(
-                f"Two modules of the adapter bind to the same base tensor {name} (one of them is {m.target}).",
-                tensor=name,
-                hint="The adapter's names are ambiguous against this base; check that BASE is the right model.",
+def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """A module's lora_bias target and DoRA magnitude must fit the base; returns the bias target."""
+    bias_target = m.bias_target
+    if m.bias is not None:
+        bias_target = name.removesuffix(".weight") + ".bias"
+        if bias_target not in shapes:
+            raise UnboundModuleError(
+                f"Adapter module {m.target} carries a LoRA bias (lora_bias) but the base has no "
+                f"{bias_target} to merge it into.",
+                tensor=bias_target,
+                hint="PEFT refuses this merge too: the base layer has no bias.",
             )
-        shape = tuple(shapes[name])
-        m = _as_kind_of(m, shape)
-        if m.transposed is None and is_conv1d_target(name, base_config):
-            default: bool | None = True
-        elif m.transposed is None and adapter.format == "peft":
-            default = False  # PEFT's convention for a Linear that fan_in_fan_out does not flip
-        else:
-            default = layout_default
-        t = _orient(m, shape, default)
-        bias_target = m.bias_target
-        if m.bias is not None:
-            bias_target = name.removesuffix(".weight") + ".bias"
-            if bias_target not in shapes:
-                raise UnboundModuleError(
-                    f"Adapter module {m.target} carries a LoRA bias (lora_bias) but the base has no "
-                    f"{bias_target} to merge it into.",
-                    tensor=bias_target,
-                    hint="PEFT refuses this merge too: the base layer has no bias.",
-                )
-            if tuple(shapes[bias_target]) != (m.fan_out,):
-                raise ShapeMismatchError(
-                    f"LoRA bias of {m.target} has {m.fan_out} values, base {bias_target} has shape "
-                    f"{tuple(shapes[bias_target])}.",
-                    tensor=bias_target,
-                )
-        along = m.fan_in if m.dora_per_input else m.fan_out
-        if m.magnitude is not None and m.magnitude.numel() != along:
+        if tuple(shapes[bias_target]) != (m.fan_out,):
             raise ShapeMismatchError(
-                f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {along} "
-                f"{'inputs' if m.dora_per_input else 'outputs'}.",
-                tensor=m.target,
+                f"LoRA bias of {m.target} has {m.fan_out} values, base {bias_target} has shape "
+                f"{tuple(shapes[bias_target])}.",
+                tensor=bias_target,
             )
-        bound = replace(m, target=name, shape=shape, transposed=t, bias_target=bias_target)
-        if t is None:
-            undecided.append((bound, name, shape))
-        else:
-            if m.transposed is None and shape[0] != (shape[1] if len(shape) > 1 else None):
-                votes.add(t)
-            modules[name] = bound
-    warnings = list(adapter.warnings)
-    if missing and flat is not None:
-        # a kohya file for a whole pipeline applied to one component's checkpoint: the components with no
-        # tensor here at all belong elsewhere; a component that binds in part is an error
-        def comp(t: str) -> str:
-            return t.rpartition(":")[0] or "unet"
-
-        bound_components = {comp(m.target) for m in adapter.modules.values() if m.target not in missing}
-        elsewhere = [t for t in missing if comp(t) not in bound_components]
-        if bound_components and elsewhere:
-            by = sorted({comp(t) for t in elsewhere})
-            warnings.append(f"{len(elsewhere)} module(s) of {', '.join(by)} are not in this checkpoint and were left "
-                            "out; apply the adapter to that component's checkpoint too")
-            missing = [t for t in missing if t not in elsewhere]
-    if missing:
-        tied = any(t.endswith("lm_head.weight") and config_for(base_config, t).get("tie_word_embeddings")
-                   for t in missing)
-        raise UnboundModuleError(
-            f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
-            + (" …" if len(missing) > 6 else "")
-            + ".",
-            tensor=missing[0],
-            hint="BASE ties lm_head to the input embeddings and stores only one of them; merging an lm_head LoRA "
-            "would change both. Untie the weights in BASE first." if tied else
-            "The adapter was made for a different model, or BASE is the wrong checkpoint.",
+    along = m.fan_in if m.dora_per_input else m.fan_out
+    if m.magnitude is not None and m.magnitude.numel() != along:
+        raise ShapeMismatchError(
+            f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {along} "
+            f"{'inputs' if m.dora_per_input else 'outputs'}.",
+            tensor=m.target,
         )
-    if undecided:
-        if len(votes) == 1:
-            agreed = votes.pop()
-            for bound, name, _ in undecided:
-                modules[name] = replace(bound, transposed=agreed)
-        else:
-            names = ", ".join(f"{b.target} {s}" for b, _, s in undecided[:6])
-            raise LayoutAmbiguousError(
-                f"Cannot tell the orientation of square module(s) from shapes: {names}"
-                + (" …" if len(undecided) > 6 else "")
-                + (" (the non-square modules disagree)" if votes else "")
-                + ".",
-                tensor=undecided[0][1],
-                hint="Declare it with --layout: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + ".",
-            )
-    if adapter.meta.get("factor_orientation"):
-        modules = {n: _normalize(m, layout) for n, m in modules.items()}
+    return bias_target
+
+
+def _target_of(m: LoraModule, adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
+               flat: dict[str, list[str]] | None) -> str | None:
+    name = resolve_name(m.target, shapes) if flat is None else resolve_flat(m.target, flat)
+    if name is None and adapter.meta.get("sibling_binding"):
+        name = sibling_target(m, shapes)
+    return name
+
+
+def _default_orientation(m: LoraModule, name: str, adapter: Adapter, base_config: ConfigSource,
+                         layout: str | None) -> bool | None:
+    """The orientation a square target takes when the module does not declare one."""
+    if m.transposed is None and is_conv1d_target(name, base_config):
+        return True
+    if m.transposed is None and adapter.format == "peft":
+        return False  # PEFT's convention for a Linear that fan_in_fan_out does not flip
+    return {"out-r-in": False, "linear-ab": False, "in-r-out": True}.get(layout or "")
+
+
+def _missing_components(adapter: Adapter, missing: list[str], warnings: list[str]) -> list[str]:
+    """A kohya file for a whole pipeline applied to one component's checkpoint: the components
+    with no tensor here at all belong elsewhere (a warning); a component that binds in part is an
+    error (returned as still missing)."""
+    def comp(t: str) -> str:
+        return t.rpartition(":")[0] or "unet"
+
+    bound_components = {comp(m.target) for m in adapter.modules.values() if m.target not in missing}
+    elsewhere = [t for t in missing if comp(t) not in bound_components]
+    if bound_components and elsewhere:
+        by = sorted({comp(t) for t in elsewhere})
+        warnings.append(f"{len(elsewhere)} module(s) of {', '.join(by)} are not in this checkpoint and were left "
+                        "out; apply the adapter to that component's checkpoint too")
+        return [t for t in missing if t not in elsewhere]
+    return missing
+
+
+def _unbound_error(missing: list[str], base_config: ConfigSource) -> UnboundModuleError:
+    tied = any(t.endswith("lm_head.weight") and config_for(base_config, t).get("tie_word_embeddings")
+               for t in missing)
+    return UnboundModuleError(
+        f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
+        + (" …" if len(missing) > 6 else "")
+        + ".",
+        tensor=missing[0],
+        hint="BASE ties lm_head to the input embeddings and stores only one of them; merging an lm_head LoRA "
+        "would change both. Untie the weights in BASE first." if tied else
+        "The adapter was made for a different model, or BASE is the wrong checkpoint.",
+    )
+
+
+def _settle_square(modules: dict[str, LoraModule], undecided: list[tuple[LoraModule, tuple[int, ...]]],
+                   votes: set[bool]) -> None:
+    """Square modules without a declaration take the orientation every non-square one agrees on."""
+    if not undecided:
+        return
+    if len(votes) == 1:
+        agreed = next(iter(votes))
+        for bound, _ in undecided:
+            modules[bound.target] = replace(bound, transposed=agreed)
+        return
+    names = ", ".join(f"{b.target} {s}" for b, s in undecided[:6])
+    raise LayoutAmbiguousError(
+        f"Cannot tell the orientation of square module(s) from shapes: {names}"
+        + (" …" if len(undecided) > 6 else "")
+        + (" (the non-square modules disagree)" if votes else "")
+        + ".",
+        tensor=undecided[0][0].target,
+        hint="Declare it with --layout: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + ".",
+    )
+
+
+def _bind_replacements(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     replacements = {}
     copies: list[str] = []
+    missing: list[str] = []
     for target, t in adapter.replacements.items():
         name = resolve_name(target, shapes)
         if name is None:
@@ -356,6 +342,57 @@ def bind(
             tensor=missing[0],
             hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
         )
+    return replacements, copies
+
+
+def bind(
+    adapter: Adapter,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    base_config: ConfigSource = None,
+    layout: str | None = None,
+) -> Adapter:
+    """Return ``adapter`` with every module's ``target``, ``shape`` and ``transposed`` settled.
+
+    Raises UnboundModuleError for a module or replacement with no tensor in the base,
+    ShapeMismatchError when factors do not fit, LayoutAmbiguousError when a square module's
+    orientation cannot be known.
+    """
+    missing: list[str] = []
+    modules: dict[str, LoraModule] = {}
+    undecided: list[tuple[LoraModule, tuple[int, ...]]] = []
+    votes: set[bool] = set()
+    flat = flat_index(shapes) if adapter.meta.get("flat_names") else None
+    for m in adapter.modules.values():
+        name = _target_of(m, adapter, shapes, flat)
+        if name is None:
+            missing.append(m.target)
+            continue
+        if name in modules or any(u.target == name for u, _ in undecided):
+            raise LayoutAmbiguousError(
+                f"Two modules of the adapter bind to the same base tensor {name} (one of them is {m.target}).",
+                tensor=name,
+                hint="The adapter's names are ambiguous against this base; check that BASE is the right model.",
+            )
+        shape = tuple(shapes[name])
+        m = _as_kind_of(m, shape)
+        t = _orient(m, shape, _default_orientation(m, name, adapter, base_config, layout))
+        bound = replace(m, target=name, shape=shape, transposed=t, bias_target=_check_extras(m, name, shapes))
+        if t is None:
+            undecided.append((bound, shape))
+            continue
+        if m.transposed is None and shape[0] != (shape[1] if len(shape) > 1 else None):
+            votes.add(t)
+        modules[name] = bound
+    warnings = list(adapter.warnings)
+    if missing and flat is not None:
+        missing = _missing_components(adapter, missing, warnings)
+    if missing:
+        raise _unbound_error(missing, base_config)
+    _settle_square(modules, undecided, votes)
+    if adapter.meta.get("factor_orientation"):
+        modules = {n: _normalize(m, layout) for n, m in modules.items()}
+    replacements, copies = _bind_replacements(adapter, shapes)
     meta = {**adapter.meta, "base_copies": copies} if "base_copies" in adapter.meta else dict(adapter.meta)
     meta["flat_names"] = False  # bound: targets are base names now
     return replace(adapter, modules=modules, replacements=replacements, meta=meta, warnings=warnings)

@@ -28,12 +28,8 @@ import torch
 from safetensors import safe_open
 
 from ..dtypes import BY_ST, SUB_BYTE_ST, st_name
-from ..errors import CorruptFileError, UnsupportedAdapterError
+from ..errors import CorruptFileError, InternalError, UnsupportedAdapterError
 
-try:
-    from ..errors import InternalError as _InternalError
-except ImportError:  # pragma: no cover - older errors.py
-    _InternalError = RuntimeError  # type: ignore[misc,assignment]
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on N
 COPY_CHUNK = 64 * 1024 * 1024
@@ -408,10 +404,8 @@ class StreamWriter:
         self._f.close()
 
 
-def _internal(message: str) -> RuntimeError:
-    if _InternalError is RuntimeError:
-        return RuntimeError(f"internal: {message}")
-    return _InternalError(message)
+def _internal(message: str) -> InternalError:
+    return InternalError(message)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -177,14 +177,10 @@ def check_mergeable(cfg: dict[str, Any], config_path: Path) -> list[str]:
     return []
 
 
-def read(path: Path, **_: object) -> Adapter:
-    config_path, weights = find_files(path)
-    cfg = read_config(config_path)
-    warnings = check_mergeable(cfg, config_path)
-    sd = load_state_dict(weights)
-    for key, t in sd.items():
-        check_finite(t, what=f"adapter tensor {key}", path=weights)
-
+def _split_state_dict(sd: dict[str, torch.Tensor], weights: Path) -> tuple[
+        dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, torch.Tensor], list[str]]:
+    """(LoRA tensors by module and role, full tensors that replace base tensors, PEFT's copies of
+    base tensors); a ``lora_`` key in no known role is refused."""
     def split(key: str) -> tuple[str, str] | None:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for suffix, role in SUFFIXES:
@@ -208,7 +204,34 @@ def read(path: Path, **_: object) -> Adapter:
             base_copies.append(name.replace(".base_layer.", "."))
     refuse_leftovers(leftovers, weights, what="LoRA keys loratools does not understand",
                      hint="Nothing was merged. Open an issue with the PEFT version that wrote this adapter.")
+    return parts, replacements, base_copies
 
+
+def _target_kind(name: str, A: torch.Tensor, B: torch.Tensor, *, emb: bool, fan_in_fan_out: bool,
+                 weights: Path) -> tuple[str, bool | None, tuple[int, ...]]:
+    """(kind, transposed — None when the config leaves it to the base —, conv kernel)."""
+    if emb:
+        return "embedding", True, ()
+    if A.dim() > 2:
+        if any(int(s) != 1 for s in B.shape[2:]):
+            raise UnsupportedAdapterError(
+                f"{weights}: conv module {name} has a lora_B kernel {tuple(B.shape[2:])}; only 1×1 lora_B "
+                "convs are a plain low-rank delta.",
+                path=weights,
+            )
+        return "conv", False, tuple(int(s) for s in A.shape[2:])
+    return "linear", (True if fan_in_fan_out else None), ()
+
+
+def read(path: Path, **_: object) -> Adapter:
+    config_path, weights = find_files(path)
+    cfg = read_config(config_path)
+    warnings = check_mergeable(cfg, config_path)
+    sd = load_state_dict(weights)
+    for key, t in sd.items():
+        check_finite(t, what=f"adapter tensor {key}", path=weights)
+
+    parts, replacements, base_copies = _split_state_dict(sd, weights)
     rank_pattern: dict[str, int] = get_field(cfg, "rank_pattern", dict, {}, where=config_path)
     alpha_pattern: dict[str, float] = get_field(cfg, "alpha_pattern", dict, {}, where=config_path)
     used_rank: set[str] = set()
@@ -247,20 +270,7 @@ def read(path: Path, **_: object) -> Adapter:
                 hint="PEFT itself would refuse to load this adapter; the config and weights do not belong together.",
             )
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        kernel: tuple[int, ...] = ()
-        if emb:
-            kind, transposed, declared = "embedding", True, True
-        elif A.dim() > 2:
-            if any(int(s) != 1 for s in B.shape[2:]):
-                raise UnsupportedAdapterError(
-                    f"{weights}: conv module {name} has a lora_B kernel {tuple(B.shape[2:])}; only 1×1 lora_B "
-                    "convs are a plain low-rank delta.",
-                    path=weights,
-                )
-            kind, transposed, declared = "conv", False, True
-            kernel = tuple(int(s) for s in A.shape[2:])
-        else:
-            kind, transposed, declared = "linear", fan_in_fan_out, fan_in_fan_out
+        kind, transposed, kernel = _target_kind(name, A, B, emb=emb, fan_in_fan_out=fan_in_fan_out, weights=weights)
         mag = roles.get("magnitude")
         bias = roles.get("bias")
         modules[name + ".weight"] = lowrank_module(
@@ -270,7 +280,7 @@ def read(path: Path, **_: object) -> Adapter:
             scale,
             alpha,
             kind=kind,
-            transposed=transposed if declared else None,
+            transposed=transposed,
             kernel=kernel,
             magnitude=mag[1].reshape(-1) if mag else None,
             bias=bias[1].reshape(-1) if bias else None,

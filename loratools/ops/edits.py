@@ -145,7 +145,8 @@ class Dora(AddDelta):
 
     def _mag(self, c: Compute) -> torch.Tensor:
         m = self._m()
-        assert m.magnitude is not None
+        if m.magnitude is None:
+            raise InternalError(f"a DoRA edit on {m.target} without a magnitude")
         mag = m.magnitude
         if self.window and m.dora_axis == 0:
             mag = mag[self.window[0]:self.window[1]]

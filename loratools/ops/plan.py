@@ -173,6 +173,17 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
                 target.setdefault(name, []).append(Replace(i, w, tensor=original))  # applied last, see below
             else:
                 target.setdefault(name, []).insert(0, Replace(i, w, tensor=t))
+    _check_order(removals, additions, adapters)
+    ops: dict[str, list[Edit]] = {}
+    for name in list(removals) + [n for n in additions if n not in removals]:
+        ops[name] = removals.get(name, []) + additions.get(name, [])
+    return ops
+
+
+def _check_order(removals: dict[str, list[Edit]], additions: dict[str, list[Edit]],
+                 adapters: list[AdapterInput]) -> None:
+    """Refuse edits whose result would depend on the order they are given in (several whole
+    replacements, a replacement beside other changes, DoRA beside anything); put restores last."""
     for name, lst in removals.items():
         # undo in reverse: the restore of a replaced tensor comes after taking its deltas out
         lst.sort(key=lambda e: e.replaces)
@@ -199,10 +210,6 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
                 tensor=name,
                 hint="Merge the adapters one at a time, in the order you intend.",
             )
-    ops: dict[str, list[Edit]] = {}
-    for name in list(removals) + [n for n in additions if n not in removals]:
-        ops[name] = removals.get(name, []) + additions.get(name, [])
-    return ops
 
 
 def build_plan(

@@ -64,6 +64,102 @@ def _factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     return _matrix(m), torch.eye(m.fan_in, dtype=torch.float64)
 
 
+def _check_method(method: str, *, rank: int | None, energy: float | None, density: float | None) -> None:
+    if method not in METHODS:
+        raise InvalidArgumentError(f"Unknown method {method!r}.", hint=f"Methods: {', '.join(METHODS)}.")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise InvalidArgumentError("--method cat is exact: its rank is the sum of the ranks; --rank/--energy do not apply.",
+                                   hint="Use --method svd to reduce the rank.")
+    if method in DENSITY_METHODS:
+        if density is None or not 0 < density <= 1:
+            raise InvalidArgumentError(f"--method {method} needs --density in (0, 1].")
+    elif density is not None:
+        raise InvalidArgumentError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}.")
+
+
+def _modules_by_target(read: list[Adapter], ws: list[float]) -> dict[str, list[tuple[LoraModule, float]]]:
+    """Every adapter's modules grouped by the base tensor they change (bound names)."""
+    targets: dict[str, list[tuple[LoraModule, float]]] = {}
+    for a, w in zip(read, ws):
+        if a.meta.get("factor_orientation") and any(m.transposed is None for m in a.modules.values()):
+            raise UnsupportedAdapterError(
+                f"{a.path}: raw factor pairs have no settled orientation; pass --base, or convert them with --base "
+                "first.",
+                path=a.path,
+            )
+        if a.meta.get("flat_names"):
+            raise UnsupportedAdapterError(
+                f"{a.path}: kohya names lose the dots of the module path, so they meet other adapters' names only "
+                "through a base model.", path=a.path, hint="Pass --base BASE (the model the adapters were made for).")
+        for target, m in a.modules.items():
+            if m.magnitude is not None:
+                raise UnsupportedAdapterError(
+                    f"{a.path}: DoRA module {target} cannot be stacked: its magnitude rescales the whole weight, which "
+                    "no sum of deltas expresses.",
+                    tensor=target,
+                )
+            targets.setdefault(target, []).append((m, w))
+    for target, parts in targets.items():
+        first = parts[0][0]
+        for m, _ in parts[1:]:
+            if (m.fan_out, m.fan_in, m.kind, m.kernel, bool(m.transposed)) != (
+                    first.fan_out, first.fan_in, first.kind, first.kernel, bool(first.transposed)):
+                raise ShapeMismatchError(
+                    f"{target}: the adapters disagree on its shape or kind "
+                    f"({first.kind} {first.fan_out}×{first.fan_in} vs {m.kind} {m.fan_out}×{m.fan_in}).",
+                    tensor=target,
+                )
+    return targets
+
+
+def _full_tensors(read: list[Adapter], ws: list[float]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The full tensors of the stack: PEFT's copies of base tensors (identical everywhere) and
+    modules_to_save, which cannot be combined or weighted."""
+    replacements: dict[str, torch.Tensor] = {}
+    base_copies: set[str] = set()
+    for a, w in zip(read, ws):
+        copies = set(a.meta.get("base_copies", ()))
+        for name, t in a.replacements.items():
+            if name in copies:  # PEFT's copy of the base tensor: the same in every adapter, not weighted
+                if name in replacements and not torch.equal(replacements[name], t):
+                    raise UnsupportedAdapterError(f"The adapters carry different copies of base tensor {name}.",
+                                                  tensor=name)
+                replacements[name] = t
+                base_copies.add(name)
+                continue
+            if name in replacements or w != 1.0:
+                raise UnsupportedAdapterError(
+                    f"Full tensor {name} (modules_to_save) cannot be combined: it comes from several adapters or with "
+                    "a weight other than 1.",
+                    tensor=name,
+                )
+            replacements[name] = t
+    return replacements, base_copies
+
+
+def _combine(target: str, parts: list[tuple[LoraModule, float]], method: str, *, rank: int | None,
+             energy: float | None, density: float | None, seed: int) -> tuple[algebra.Factors, str]:
+    """The factors of Σ wᵢ·ΔWᵢ combined by ``method`` (always in ΔW space, never A and B apart)."""
+    factors = [_factors(m) for m, _ in parts]
+    total_rank = sum(int(B.shape[1]) for B, _ in factors)
+    B_cat, A_cat = algebra.concat([(B, A, w) for (B, A), (_, w) in zip(factors, parts)])
+    if method == "cat":
+        return algebra.Factors(B_cat, A_cat), ""
+    if method in ("svd", "linear"):
+        return algebra.factorize_lowrank(B_cat, A_cat, rank=rank or total_rank, energy=energy), ""
+    tasks = [_matrix(m) for m, _ in parts]
+    w_list = [w for _, w in parts]
+    g = _module_seed(seed, target)
+    dense = {
+        "ties": lambda: algebra.ties(tasks, w_list, density),  # type: ignore[arg-type]
+        "magnitude_prune": lambda: algebra.magnitude_prune(tasks, w_list, density),  # type: ignore[arg-type]
+        "dare_linear": lambda: algebra.dare_linear(tasks, w_list, density, g),  # type: ignore[arg-type]
+        "dare_ties": lambda: algebra.dare_ties(tasks, w_list, density, g),  # type: ignore[arg-type]
+    }[method]()
+    return algebra.factorize_dense(dense, rank=rank or total_rank, energy=energy, dtype=torch.float64), \
+        f"density {density}"
+
+
 def stack(
     adapters: Sequence[str | Path | Adapter],
     out: str | Path,
@@ -86,16 +182,7 @@ def stack(
     out = Path(out)
     opts = Options.build(**options)  # type: ignore[arg-type]
     spec(to, writing=True)
-    if method not in METHODS:
-        raise InvalidArgumentError(f"Unknown method {method!r}.", hint=f"Methods: {', '.join(METHODS)}.")
-    if method == "cat" and (rank is not None or energy is not None):
-        raise InvalidArgumentError("--method cat is exact: its rank is the sum of the ranks; --rank/--energy do not apply.",
-                                   hint="Use --method svd to reduce the rank.")
-    if method in DENSITY_METHODS:
-        if density is None or not 0 < density <= 1:
-            raise InvalidArgumentError(f"--method {method} needs --density in (0, 1].")
-    elif density is not None:
-        raise InvalidArgumentError(f"--density applies to {', '.join(DENSITY_METHODS)}, not {method}.")
+    _check_method(method, rank=rank, energy=energy, density=density)
     if not adapters:
         raise InvalidArgumentError("stack needs at least one adapter.")
     ws = [float(w) for w in check_weights(weights, len(adapters))]  # type: ignore[arg-type]
@@ -104,79 +191,15 @@ def stack(
                                   and Path(a).exists()], overwrite=opts.overwrite)
     read = [prepare_adapter(a, opts, base=base, open_orientation=True) for a in adapters]
     result = AdapterResult(out=None if opts.dry_run else out)
-    targets: dict[str, list[tuple[LoraModule, float]]] = {}
-    for a, w in zip(read, ws):
-        if a.meta.get("factor_orientation") and any(m.transposed is None for m in a.modules.values()):
-            raise UnsupportedAdapterError(
-                f"{a.path}: raw factor pairs have no settled orientation; pass --base, or convert them with --base "
-                "first.",
-                path=a.path,
-            )
-        if a.meta.get("flat_names"):
-            raise UnsupportedAdapterError(
-                f"{a.path}: kohya names lose the dots of the module path, so they meet other adapters' names only "
-                "through a base model.", path=a.path, hint="Pass --base BASE (the model the adapters were made for).")
-        for target, m in a.modules.items():
-            if m.magnitude is not None:
-                raise UnsupportedAdapterError(
-                    f"{a.path}: DoRA module {target} cannot be stacked: its magnitude rescales the whole weight, which "
-                    "no sum of deltas expresses.",
-                    tensor=target,
-                )
-            targets.setdefault(target, []).append((m, w))
-    replacements: dict[str, torch.Tensor] = {}
-    base_copies: set[str] = set()
-    for a, w in zip(read, ws):
-        copies = set(a.meta.get("base_copies", ()))
-        for name, t in a.replacements.items():
-            if name in copies:  # PEFT's copy of the base tensor: the same in every adapter, not weighted
-                if name in replacements and not torch.equal(replacements[name], t):
-                    raise UnsupportedAdapterError(f"The adapters carry different copies of base tensor {name}.",
-                                                  tensor=name)
-                replacements[name] = t
-                base_copies.add(name)
-                continue
-            if name in replacements or w != 1.0:
-                raise UnsupportedAdapterError(
-                    f"Full tensor {name} (modules_to_save) cannot be combined: it comes from several adapters or with "
-                    "a weight other than 1.",
-                    tensor=name,
-                )
-            replacements[name] = t
+    targets = _modules_by_target(read, ws)
+    replacements, base_copies = _full_tensors(read, ws)
     modules: dict[str, LoraModule] = {}
     exact: dict[str, torch.Tensor] = {}
     for target, parts in sorted(targets.items()):
         first = parts[0][0]
-        for m, _ in parts[1:]:
-            if (m.fan_out, m.fan_in, m.kind, m.kernel, bool(m.transposed)) != (
-                    first.fan_out, first.fan_in, first.kind, first.kernel, bool(first.transposed)):
-                raise ShapeMismatchError(
-                    f"{target}: the adapters disagree on its shape or kind "
-                    f"({first.kind} {first.fan_out}×{first.fan_in} vs {m.kind} {m.fan_out}×{m.fan_in}).",
-                    tensor=target,
-                )
-        factors = [_factors(m) for m, _ in parts]
-        total_rank = sum(int(B.shape[1]) for B, _ in factors)
-        B_cat, A_cat = algebra.concat([(B, A, w) for (B, A), (_, w) in zip(factors, parts)])
+        f, note = _combine(target, parts, method, rank=rank, energy=energy, density=density, seed=seed)
         if method == "cat":
-            f = algebra.Factors(B_cat, A_cat)
-            exact[target] = B_cat @ A_cat  # cat is checked against Σ wᵢ·ΔWᵢ itself
-            note = ""
-        elif method in ("svd", "linear"):
-            f = algebra.factorize_lowrank(B_cat, A_cat, rank=rank or total_rank, energy=energy)
-            note = ""
-        else:
-            tasks = [_matrix(m) for m, _ in parts]
-            w_list = [w for _, w in parts]
-            g = _module_seed(seed, target)
-            dense = {
-                "ties": lambda: algebra.ties(tasks, w_list, density),  # type: ignore[arg-type]
-                "magnitude_prune": lambda: algebra.magnitude_prune(tasks, w_list, density),  # type: ignore[arg-type]
-                "dare_linear": lambda: algebra.dare_linear(tasks, w_list, density, g),  # type: ignore[arg-type]
-                "dare_ties": lambda: algebra.dare_ties(tasks, w_list, density, g),  # type: ignore[arg-type]
-            }[method]()
-            f = algebra.factorize_dense(dense, rank=rank or total_rank, energy=energy, dtype=torch.float64)
-            note = f"density {density}"
+            exact[target] = f.B @ f.A  # cat is checked against Σ wᵢ·ΔWᵢ itself
         bias = None
         if any(m.bias is not None for m, _ in parts):
             bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
