@@ -575,63 +575,40 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
          allow_skip: bool, as_json: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
-    import torch
+    from .hub import resolve
+    from .summary import summarize_fast
 
-    from .adapter import delta
-    from .dtypes import short_name
-    from .options import Options
-    from .pipeline import inspect_adapter
+    data = None
+    if base is None and layout is None and scale is None and from_format in (None, "peft"):
+        data = summarize_fast(Path(resolve(adapter, kind="adapter")), shown_as=str(adapter))  # no torch
+    self_bound = False
+    if data is None:
+        from .options import Options
+        from .pipeline import inspect_adapter
+        from .summary import summarize_adapter
 
-    opts = Options.build(layout=layout, from_format=from_format, allow_skip=allow_skip)
-    seen = inspect_adapter(adapter, opts, base=base, scale=scale)
-    a = seen.adapter
-    rows = []
-    for target, m in sorted(a.modules.items()):
-        dw = delta(m, dtype=torch.float64)
-        d = m.delta.describe()
-        rows.append({
-            "target": target,
-            "kind": m.kind + (" (transposed)" if m.transposed else " (orientation open)" if m.transposed is None
-                              and a.meta.get("factor_orientation") else ""),
-            "delta": d["kind"],
-            "source_keys": list(m.source_keys),
-            "rank": m.rank,
-            "alpha": d.get("alpha"),
-            "scale": m.scale,
-            "dtype": short_name(m.delta.dtype),
-            "shape": list(m.stored_shape),
-            "dora": m.magnitude is not None,
-            "lora_bias": m.bias is not None,
-            "delta_norm": float(torch.linalg.vector_norm(dw)),
-        })
-    summary = {
-        "path": str(adapter),
-        "format": a.format,
-        "base_model": a.meta.get("base_model"),
-        "modules": len(a.modules),
-        "replacements": sorted(a.replacements),
-        "parameters": a.parameter_count(),
-        "ranks": sorted({r["rank"] for r in rows if r["rank"] is not None}),
-        "bound_to": str(base) if base else None,
-        "unbound": seen.unbound,
-        "warnings": a.warnings,
-    }
+        opts = Options.build(layout=layout, from_format=from_format, allow_skip=allow_skip)
+        seen = inspect_adapter(adapter, opts, base=base, scale=scale)
+        data = summarize_adapter(seen.adapter, shown_as=str(adapter), base=str(base) if base else None,
+                                 unbound=seen.unbound)
+        self_bound = bool(seen.adapter.meta.get("base_keys"))
     if as_json:
-        click.echo(json.dumps({**summary, "module_list": rows}, indent=2))
+        click.echo(json.dumps(data, indent=2))
         return
-    _warn(a.warnings)
-    click.echo(f"{adapter}: {a.format} adapter, {len(rows)} LoRA module(s), {a.parameter_count():,} parameters")
-    if a.meta.get("base_model"):
-        click.echo(f"base model: {a.meta['base_model']}")
-    if a.replacements:
-        click.echo(f"full tensors (replace the base): {', '.join(sorted(a.replacements))}")
+    rows = data["module_list"]
+    _warn(data["warnings"])
+    click.echo(f"{adapter}: {data['format']} adapter, {len(rows)} LoRA module(s), {data['parameters']:,} parameters")
+    if data["base_model"]:
+        click.echo(f"base model: {data['base_model']}")
+    if data["replacements"]:
+        click.echo(f"full tensors (replace the base): {', '.join(data['replacements'])}")
     if rows:
         _module_table(rows)
-    if seen.unbound:
-        click.echo(f"{len(seen.unbound)} module(s) do NOT bind to {base}:")
-        for name, why in sorted(seen.unbound.items()):
+    if data["unbound"]:
+        click.echo(f"{len(data['unbound'])} module(s) do NOT bind to {base}:")
+        for name, why in sorted(data["unbound"].items()):
             click.echo(f"  {name}: {why}")
-    elif base or a.meta.get("base_keys"):
+    elif base or self_bound:
         click.echo(f"all {len(rows)} module(s) bind to tensors of {base or adapter} with matching shapes.")
     if any(r["kind"].endswith("(orientation open)") for r in rows):
         click.echo("orientation of raw factors is settled by --base or --layout; ‖ΔW‖ does not depend on it.")

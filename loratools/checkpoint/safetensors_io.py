@@ -24,11 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
+from typing import TYPE_CHECKING
+
 from safetensors import safe_open
 
 from ..dtypes import BY_ST, SUB_BYTE_ST, st_name
 from ..errors import CorruptFileError, InternalError, UnsupportedAdapterError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: headers and byte copies need none
+    import torch
 
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on N
@@ -58,6 +62,8 @@ class TensorInfo:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype; UnsupportedAdapterError when the installed torch lacks it."""
+        import torch
+
         found = BY_ST[self.dtype].torch
         if found is None:
             raise UnsupportedAdapterError(
@@ -177,7 +183,7 @@ def _parse(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[st
 
 def _library_view(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str], list[str] | None]:
     """What safetensors reads in the file: {name: (dtype, shape)}, metadata, names in offset order."""
-    with safe_open(path, framework="pt") as f:
+    with safe_open(path, framework="numpy") as f:  # numpy: reading a header needs no torch
         seen = {}
         for name in f.keys():
             s = f.get_slice(name)
@@ -275,6 +281,8 @@ def _forget(path: Path) -> None:
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor through ``safetensors.safe_open``: a fresh CPU tensor, independent of the file."""
+    import torch
+
     dtype = info.torch_dtype  # a clear error if this torch lacks the dtype
     where = os.path.abspath(info.file)
     try:
@@ -312,6 +320,8 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")

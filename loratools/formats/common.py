@@ -8,12 +8,10 @@ import math
 import re
 from collections import Counter
 
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 
 from ..adapter import LoraModule
 from ..deltas import LowRank
-from ..errors import AdapterFormatError, InternalError
+from ..errors import InternalError
 
 # components of a diffusers pipeline, as target-name prefixes, and the kohya prefix of each
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
@@ -35,49 +33,6 @@ def default_component(base_config: dict | None) -> str:
     if cfg.get("model_type") in ("clip_text_model", "clip") or "CLIPText" in archs:
         return "text_encoder"
     return "unet"
-
-
-def suffix_splitter(suffixes: Mapping[str, str]) -> Callable[[str], tuple[str, str] | None]:
-    """A key splitter for :func:`group_keys`: (stem, role) for the longest suffix a key ends with."""
-    ordered = sorted(suffixes.items(), key=lambda kv: len(kv[0]), reverse=True)
-
-    def split(key: str) -> tuple[str, str] | None:
-        for suffix, role in ordered:
-            if key.endswith(suffix) and len(key) > len(suffix):
-                return key[: -len(suffix)], role
-        return None
-
-    return split
-
-
-def group_keys(keys: Iterable[str], split: Callable[[str], tuple[str, str] | None] | Mapping[str, str]) -> tuple[
-        dict[str, dict[str, str]], list[str]]:
-    """Keys grouped by module stem: ``{stem: {role: key}}``, and the keys no rule claims.
-
-    ``split`` is a function key → (stem, role) | None, or a mapping suffix → role. A role seen
-    twice for one stem is an AdapterFormatError (two tensors claiming one place)."""
-    splitter = suffix_splitter(split) if isinstance(split, Mapping) else split
-    groups: dict[str, dict[str, str]] = {}
-    leftovers: list[str] = []
-    for key in keys:
-        parts = splitter(key)
-        if parts is None:
-            leftovers.append(key)
-            continue
-        stem, role = parts
-        if role in groups.get(stem, {}):
-            raise AdapterFormatError(f"{key} and {groups[stem][role]} are both the {role} of {stem}.", tensor=key)
-        groups.setdefault(stem, {})[role] = key
-    return groups, leftovers
-
-
-def refuse_leftovers(leftovers: list[str], path: Path, *, what: str = "keys loratools does not understand",
-                     hint: str = "Nothing was written.") -> None:
-    """Raise AdapterFormatError naming up to eight leftover keys (a reader consumes every key)."""
-    if leftovers:
-        names = sorted(leftovers)
-        raise AdapterFormatError(f"{path}: {len(names)} {what}: {', '.join(names[:8])}"
-                                 + (" …" if len(names) > 8 else "") + ".", path=path, hint=hint)
 
 
 def lowrank(m: LoraModule) -> LowRank:

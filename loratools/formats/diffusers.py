@@ -24,8 +24,9 @@ from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError
 from ..jsonio import load_json
-from .common import component_of, default_component, group_keys, lowrank, pattern_config, refuse_leftovers
-from .peft import get_pattern_key
+from .common import component_of, default_component, lowrank, pattern_config
+from .keys import group_keys, refuse_leftovers
+from .peft_layout import get_pattern_key
 
 NAME = "diffusers"
 WEIGHTS = "pytorch_lora_weights.safetensors"

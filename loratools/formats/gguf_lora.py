@@ -28,7 +28,8 @@ import torch
 from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..errors import AdapterFormatError, AdapterNotFoundError, InvalidArgumentError, UnsupportedAdapterError
 from ..jsonio import load_json
-from .common import fold_scale, group_keys, lowrank, most_common
+from .common import fold_scale, lowrank, most_common
+from .keys import group_keys
 
 NAME = "gguf"
 FILE = "adapter.gguf"

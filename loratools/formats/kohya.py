@@ -25,7 +25,8 @@ from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 from ..jsonio import load_json
-from .common import alpha_of, component_of, default_component, group_keys, lowrank, most_common
+from .common import alpha_of, component_of, default_component, lowrank, most_common
+from .keys import group_keys
 
 NAME = "kohya"
 PREFIXES = {  # kohya prefix → diffusers component

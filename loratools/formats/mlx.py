@@ -22,7 +22,8 @@ from ..adapter import Adapter, check_finite, lowrank_module
 from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 from ..jsonio import get_field, read_json
-from .common import fold_scale, group_keys, lowrank, most_common, pad_rank, refuse_leftovers
+from .common import fold_scale, lowrank, most_common, pad_rank
+from .keys import group_keys, refuse_leftovers
 
 NAME = "mlx"
 CONFIG = "adapter_config.json"

@@ -25,7 +25,7 @@ from ..checkpoint.reader import PICKLE_SUFFIXES, load_state_dict
 from ..checkpoint.safetensors_io import read_header
 from ..errors import AdapterFormatError, AdapterNotFoundError, LayoutAmbiguousError, UnsupportedAdapterError
 from ..layout import PAIRS, split_key
-from .common import group_keys
+from .keys import group_keys
 
 NAME = "raw"
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
