@@ -9,7 +9,12 @@ import re
 from collections import Counter
 
 
-from ..adapter import LoraModule
+from pathlib import Path
+
+import torch
+
+from ..adapter import LoraModule, check_finite
+from ..checkpoint.safetensors_io import Header, load_tensor
 from ..deltas import LowRank
 from ..errors import InternalError
 
@@ -33,6 +38,19 @@ def default_component(base_config: dict | None) -> str:
     if cfg.get("model_type") in ("clip_text_model", "clip") or "CLIPText" in archs:
         return "text_encoder"
     return "unet"
+
+
+def load_groups(header: Header, named: dict[str, dict[str, str]], path: Path) -> dict[
+        str, dict[str, tuple[str, torch.Tensor]]]:
+    """The tensors of grouped keys (``keys.group_keys``), loaded and checked finite:
+    ``{stem: {role: (key, tensor)}}``."""
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for stem, roles in named.items():
+        for role, key in roles.items():
+            t = load_tensor(header.tensors[key])
+            check_finite(t, what=f"adapter tensor {key}", path=path)
+            groups.setdefault(stem, {})[role] = (key, t)
+    return groups
 
 
 def lowrank(m: LoraModule) -> LowRank:

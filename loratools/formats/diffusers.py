@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
-from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..adapter import Adapter, LoraModule, lowrank_module
+from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError
 from ..jsonio import load_json
-from .common import component_of, default_component, lowrank, pattern_config
+from .common import component_of, default_component, load_groups, lowrank, pattern_config
 from .keys import group_keys, refuse_leftovers
 from .peft_layout import get_pattern_key
 
@@ -94,12 +94,7 @@ def read(path: Path, **_: object) -> Adapter:
 
     named, leftovers = group_keys(header.tensors, split)
     refuse_leftovers(leftovers, f)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for stem, roles in named.items():
-        for role, key in roles.items():
-            t = load_tensor(header.tensors[key])
-            check_finite(t, what=f"adapter tensor {key}", path=f)
-            groups.setdefault(stem, {})[role] = (key, t)
+    groups = load_groups(header, named, f)
     modules: dict[str, LoraModule] = {}
     for module, roles in sorted(groups.items()):
         if "A" not in roles or "B" not in roles:

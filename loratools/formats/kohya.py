@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
-from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..adapter import Adapter, LoraModule, lowrank_module
+from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 from ..jsonio import load_json
-from .common import alpha_of, component_of, default_component, lowrank, most_common
+from .common import alpha_of, component_of, default_component, load_groups, lowrank, most_common
 from .keys import group_keys
 
 NAME = "kohya"
@@ -93,12 +93,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     if not all(isinstance(v, str) for v in targets.values()):
         raise AdapterFormatError(f"{f}: metadata {TARGETS_KEY} must map names to names.", path=f)
     named, others = group_keys(header.tensors, _split)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for stem, roles in named.items():
-        for role, key in roles.items():
-            t = load_tensor(header.tensors[key])
-            check_finite(t, what=f"adapter tensor {key}", path=f)
-            groups.setdefault(stem, {})[role] = (key, t)
+    groups = load_groups(header, named, f)
     unsupported = [k for k in others if k.endswith(UNSUPPORTED)]
     leftovers = [k for k in others if not k.endswith(UNSUPPORTED)]
     for stem, roles in groups.items():

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, check_finite, lowrank_module
-from ..checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+from ..adapter import Adapter, lowrank_module
+from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 from ..jsonio import get_field, read_json
-from .common import fold_scale, lowrank, most_common, pad_rank
+from .common import fold_scale, load_groups, lowrank, most_common, pad_rank
 from .keys import group_keys, refuse_leftovers
 
 NAME = "mlx"
@@ -52,12 +52,7 @@ def read(path: Path, **_: object) -> Adapter:
     header = read_header(folder / WEIGHTS)
     named, leftovers = group_keys(header.tensors, {".lora_a": "lora_a", ".lora_b": "lora_b", ".m": "m"})
     refuse_leftovers(leftovers, folder / WEIGHTS)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for module, roles in named.items():
-        for role, key in roles.items():
-            t = load_tensor(header.tensors[key])
-            check_finite(t, what=f"adapter tensor {key}", path=folder / WEIGHTS)
-            groups.setdefault(module, {})[role] = (key, t)
+    groups = load_groups(header, named, folder / WEIGHTS)
     modules = {}
     for module, roles in sorted(groups.items()):
         if "lora_a" not in roles or "lora_b" not in roles:
