@@ -96,13 +96,13 @@ __all__ = [
 def save_adapter(adapter: Adapter, out: str | Path, *, format: str = "peft", overwrite: bool = False) -> list[Path]:
     """Write a (bound) adapter to the folder ``out`` in ``format``, atomically (read back and
     checked like every adapter loratools writes)."""
-    from .checkpoint.writer import check_output
     from .formats import spec
     from .options import Options
-    from .pipeline import write_adapter_output
+    from .pipeline import check_adapter_out, write_adapter_output
 
     out = Path(out)
     s = spec(format, writing=True)
-    check_output(out, inputs=[], overwrite=overwrite)
-    write_adapter_output(adapter, out, Options.build(overwrite=overwrite), to=s.name)
+    opts = Options.build(overwrite=overwrite)
+    check_adapter_out(out, [], opts, command="save_adapter")
+    write_adapter_output(adapter, out, opts, to=s.name, operation="save_adapter", sources=[adapter])
     return sorted(out.iterdir()) if out.is_dir() else [out]

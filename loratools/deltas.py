@@ -89,6 +89,10 @@ class Delta(ABC):
     def parameter_count(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
+    def norm(self) -> float:
+        """‖ΔW‖_F in float64 (kinds with a cheaper exact formula override it)."""
+        return float(torch.linalg.vector_norm(self.matrix(dtype=torch.float64)))
+
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.tensors().values())).dtype
@@ -163,6 +167,11 @@ class LowRank(Delta):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.B.double() * float(self.scale), self.A.double()
+
+    def norm(self) -> float:
+        """‖s·B@A‖_F = |s|·sqrt(Σ (BᵀB) ⊙ (AAᵀ)), from r×r matrices: ΔW is never formed."""
+        A, B = self.A.double(), self.B.double()
+        return abs(float(self.scale)) * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0.0).sqrt())
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,

@@ -29,15 +29,15 @@ import torch
 from .adapter import Adapter, delta
 from .checkpoint.reader import Checkpoint, open_checkpoint
 from .checkpoint.writer import AtomicOutput, check_output
-from .errors import (InvalidArgumentError, LayoutAmbiguousError, LoraToolsError, ShapeMismatchError,
-                     UnboundModuleError, VerificationError)
+from .errors import (InvalidArgumentError, LayoutAmbiguousError, LoraToolsError, OutputExistsError,
+                     ShapeMismatchError, UnboundModuleError, VerificationError)
 from .formats import FORMATS, check_can_hold, read_adapter, spec
 from .hub import parse_repo, resolve
 from .layout import bind
 from .ops.edits import Compute
 from .ops.execute import Result, write_plan
 from .ops.plan import AdapterInput, Plan, file_sha256
-from .ops.undo import undo_name
+from .ops.undo import RECORD_KEY, undo_name
 from .options import LAYOUTS, Options
 from .verify import VerifyReport, verify_written
 
@@ -141,10 +141,11 @@ def bind_groups(base: Base, groups: Sequence[AdapterGroup], options: Options) ->
     inputs: dict[str, list[AdapterInput]] = {c: [] for c in base.parts}
     count = 0
     for adapters, g in zip(read, groups):
-        for adapter, w in zip(adapters, g.weights):
+        for ref, adapter, w in zip(g.adapters, adapters, g.weights):
             count += 1
             bound = bind(adapter, shapes, base_config=config, layout=options.layout)
             label = str(adapter.path) if adapter.path else f"adapter {count}"
+            source = source_name(ref)
             sha = file_sha256(adapter.files)
             for component, part in split_components(bound, base).items():
                 ckpt = base.parts[component]
@@ -153,10 +154,21 @@ def bind_groups(base: Base, groups: Sequence[AdapterGroup], options: Options) ->
                             if t.dtype == ckpt.tensors[n].torch_dtype and torch.equal(t, ckpt.get(n))]
                     for n in same:
                         del part.replacements[n]
-                inputs[component].append(AdapterInput(part, w, sha, label, sign=g.sign))
+                inputs[component].append(AdapterInput(part, w, sha, label, sign=g.sign, source=source))
     if base.is_pipeline and not any(inputs.values()):
         raise InvalidArgumentError(f"No adapter module binds to any component of {base.path}.")
     return {c: ins for c, ins in inputs.items() if ins or not base.is_pipeline}
+
+
+def source_name(ref: AdapterRef) -> str:
+    """How records written into files name an input: its Hub id, or its file or folder name —
+    never a local absolute path (it leaks user names and means nothing on another machine)."""
+    if isinstance(ref, Adapter):
+        return ref.path.name if ref.path is not None else "in-memory adapter"
+    path = Path(ref)
+    if path.exists():
+        return path.resolve().name
+    return str(ref)
 
 
 def split_components(bound: Adapter, base: Base) -> dict[str, Adapter]:
@@ -268,15 +280,62 @@ def inspect_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
 
 
 def commit(out: Path, options: Options, *, write: Callable[[Path], R], single_file: bool = False,
-           stale: Sequence[Path] = ()) -> R:
+           stale: Sequence[Path] = (), notes: list[str] | None = None) -> R:
     """Run ``write(tmp)`` (which writes and checks) in a temporary folder beside ``out``, then
-    move the result into place in one rename; on any failure nothing appears at ``out``."""
+    move the result into place in one rename; on any failure (SIGTERM and Ctrl-C included)
+    nothing appears at ``out``. What an earlier interrupted run left is cleaned up first and said
+    in ``notes``."""
     atomic = AtomicOutput(out, overwrite=options.overwrite, single_file=single_file)
     atomic.stale = list(stale)
     with atomic as tmp:
+        if notes is not None:
+            notes += atomic.notes
         result = write(tmp)
         atomic.commit()
     return result
+
+
+def forgotten_out(command: str, out: Path) -> str:
+    return (f"The last argument is OUT. If {out.name} is meant as an input, add a new OUT after it: "
+            f"loratools {command} … {out.name} NEW_OUT.")
+
+
+def check_adapter_out(out: Path, inputs: Sequence[Any], options: Options, *, command: str) -> None:
+    """OUT of a command that writes an adapter: never an input, never a model, and an existing
+    adapter is replaced (``--overwrite``) only when loratools wrote it (its record says so) — a
+    trained adapter named as OUT by mistake is kept."""
+    check_output(out, inputs=_input_paths(inputs), overwrite=options.overwrite, kind="adapter",
+                 forgotten_out_hint=forgotten_out(command, out))
+    if options.overwrite and out.exists() and read_adapter_record(out) is None:
+        raise OutputExistsError(
+            f"OUT {out} is an adapter that loratools did not write; --overwrite replaces only loratools' own outputs.",
+            path=out, hint=forgotten_out(command, out) + " Or delete it yourself if it should go.")
+
+
+def read_adapter_record(path: Path) -> dict | None:
+    """The loratools record in an adapter's safetensors metadata (None when it has none)."""
+    from .checkpoint.safetensors_io import read_header
+    from .jsonio import load_json
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        meta = read_header(f).metadata
+        if RECORD_KEY in meta:
+            return load_json(meta[RECORD_KEY], where=f, what="the loratools record")
+    return None
+
+
+def stamp_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` into the metadata of every safetensors file of a freshly written adapter."""
+    from .checkpoint.safetensors_io import load_tensor, read_header, save_tensors
+    from .jsonio import dump_json
+
+    for f in sorted(folder.glob("*.safetensors")):
+        header = read_header(f)
+        tensors = {n: load_tensor(i) for n, i in header.tensors.items()}
+        save_tensors(f, tensors, {**header.metadata, RECORD_KEY: dump_json(record)})
 
 
 def _input_paths(refs: Sequence[Any]) -> list[Path]:
@@ -296,9 +355,16 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
     out = Path(out)
     refs = [base_ref] + [a for g in groups for a in g.adapters]
     paths = _input_paths(refs)
-    if not options.dry_run and len(paths) == len([r for r in refs if not isinstance(r, Adapter)]):
-        check_output(out, inputs=paths, overwrite=options.overwrite)  # before any work; else a reader names the miss
     base = open_base(base_ref)
+    expected = {p.name for ck in base.parts.values() for p in ck.extra_files} | {
+        s.filename for ck in base.parts.values() for s in ck.shards}
+
+    def check_out() -> None:
+        check_output(out, inputs=_input_paths(refs), overwrite=options.overwrite, expected=expected,
+                     forgotten_out_hint=forgotten_out(operation, out))
+
+    if not options.dry_run and len(paths) == len([r for r in refs if not isinstance(r, Adapter)]):
+        check_out()  # before any adapter is read; else a reader names the missing input
     single_file = out.suffix == ".safetensors"
     if single_file and base.is_pipeline:
         raise InvalidArgumentError(f"{base.path} is a diffusers pipeline folder: OUT must be a folder.")
@@ -313,7 +379,7 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
     warnings = [w for p in plans.values() for w in p.warnings]
     if options.dry_run:
         return Result(out=None, warnings=warnings, plan=plans.get(""), plans=plans if base.is_pipeline else None)
-    check_output(out, inputs=_input_paths(refs), overwrite=options.overwrite)
+    check_out()
     compute = Compute(options.compute_dtype, options.torch_device)
 
     def write(tmp: Path) -> Result:
@@ -336,8 +402,10 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
         return result
 
     stale = [out.parent / undo_name(out, True)] if single_file else []
-    result = commit(out, options, write=write, single_file=single_file, stale=stale)
+    notes: list[str] = []
+    result = commit(out, options, write=write, single_file=single_file, stale=stale, notes=notes)
     result.out = out
+    result.warnings = notes + result.warnings
     return result
 
 
@@ -378,21 +446,38 @@ def max_delta_error(a: Adapter, b: Adapter) -> float:
     return worst
 
 
-def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *, to: str,
-                         expected: dict[str, torch.Tensor] | None = None, tolerance: float | None = None,
-                         context: dict[str, Any] | None = None) -> float:
+@dataclass
+class Written:
+    """What :func:`write_adapter_output` did: the largest relative ΔW difference it measured
+    reading the output back, and what it cleaned up from an earlier interrupted run."""
+
+    max_rel_err: float
+    notes: list[str]
+
+
+def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *, to: str, operation: str,
+                         sources: Sequence[AdapterRef] = (), expected: dict[str, torch.Tensor] | None = None,
+                         tolerance: float | None = None, context: dict[str, Any] | None = None) -> Written:
     """write → check → commit an adapter in format ``to``. The written files are read back and
     every module's ΔW compared in float64 with ``expected`` (canonical (out, in) matrices, when the
     command computed the exact result itself) or with ``adapter``'s own; the largest relative
     difference must stay within ``tolerance`` (default: two ulps of the factors' dtype, the one
-    rounding a scale folded into B may cost). Returns that difference."""
+    rounding a scale folded into B may cost). Every safetensors file written carries a loratools
+    record (operation, inputs by name and sha256) in its metadata."""
     s = spec(to, writing=True)
     check_can_hold(s.name, adapter)
     ctx = dict(context or {})
     module = s.load()
 
+    from . import __version__
+    from .ops.plan import file_sha256
+
+    record = {"tool": f"loratools {__version__}", "operation": operation,
+              "inputs": [{"path": source_name(r), "sha256": file_sha256(_files_of(r))} for r in sources]}
+
     def write(tmp: Path) -> float:
         module.write(adapter, tmp, **ctx)
+        stamp_record(tmp, record)
         if options.verify == "none":
             return 0.0
         back = module.read(tmp, **ctx)
@@ -417,7 +502,18 @@ def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *,
             )
         return err
 
-    return commit(Path(out), options, write=write)
+    notes: list[str] = []
+    err = commit(Path(out), options, write=write, notes=notes)
+    return Written(err, notes)
+
+
+def _files_of(ref: AdapterRef) -> list[Path]:
+    if isinstance(ref, Adapter):
+        return list(ref.files)
+    path = Path(ref)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
 
 
 __all__ += ["max_delta_error", "pipeline_components", "split_components", "read_one", "FORMATS"]

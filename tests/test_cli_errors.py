@@ -101,9 +101,13 @@ def test_out_exists_needs_overwrite(bases, adapters, tmp_path: Path) -> None:
     (out / "keep.txt").write_text("mine")
     assert_refused(tmp_path, out, "merge", bases["llama"], adapters["all-linear"], out, says="--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what loratools could have written: the user's keep.txt stops it
+    code, text = run("merge", bases["llama"], adapters["all-linear"], out, "--overwrite", "-q")
+    assert code == 1 and "keep.txt" in text and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     code, text = run("merge", bases["llama"], adapters["all-linear"], out, "--overwrite", "-q")
     assert code == 0, text
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors.index.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..checkpoint.writer import check_output
 from ..dtypes import parse_dtype
 from ..errors import InvalidArgumentError, UnsupportedAdapterError
 from ..formats import Capabilities, cannot_hold, spec
 from ..formats.common import fold_scale, pad_rank
 from ..options import Options
-from ..pipeline import prepare_adapter, write_adapter_output
+from ..pipeline import check_adapter_out, prepare_adapter, write_adapter_output
 
 
 @dataclass
@@ -55,8 +54,7 @@ def convert(
     out = Path(out)
     opts = Options.build(**options)  # type: ignore[arg-type]
     s = spec(to, writing=True)
-    inputs = [Path(p) for p in (adapter, base) if p is not None and not isinstance(p, Adapter) and Path(p).exists()]
-    check_output(out, inputs=inputs, overwrite=opts.overwrite)
+    check_adapter_out(out, [adapter, base], opts, command="convert")
     a = prepare_adapter(adapter, opts, base=base, scale=scale)
     notes: list[str] = []
     copies = [n for n in a.meta.get("base_copies", ()) if n in a.replacements]
@@ -73,8 +71,10 @@ def convert(
         a = replace(a, modules={n: m.with_(delta=m.delta.map(lambda t: t.to(target_dtype))) for n, m in a.modules.items()},
                     replacements={n: t.to(target_dtype) for n, t in a.replacements.items()})
     result = ConvertResult(out=out, format=s.name, modules=len(a.modules), warnings=list(a.warnings) + notes)
-    result.max_rel_err = write_adapter_output(a, out, opts, to=s.name,
-                                              context={"base_config": a.meta.get("base_config")})
+    written = write_adapter_output(a, out, opts, to=s.name, operation="convert", sources=[adapter],
+                                   context={"base_config": a.meta.get("base_config")})
+    result.max_rel_err = written.max_rel_err
+    result.warnings = written.notes + result.warnings
     return result
 
 

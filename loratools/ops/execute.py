@@ -21,7 +21,7 @@ from .. import __version__
 from ..checkpoint.safetensors_io import StreamWriter, read_header
 from ..dtypes import BY_ST
 from ..errors import InternalError, NonFiniteError, VerificationError
-from .edits import Compute, Edit, apply_edits, inverse_edits, row_blocks
+from .edits import AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
 from .plan import Plan, TensorPlan, UndoData
 from .undo import RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_name
 
@@ -72,8 +72,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1).view(ints) == b.reshape(-1).view(ints)
 
 
+SWAMP = 10.0  # ‖Σ wᵢΔWᵢ‖ beyond this many times ‖W‖ is worth a warning
+
+
+def swamp_warning(t: TensorPlan, src: torch.Tensor) -> str | None:
+    """A warning when the deltas added to a tensor outweigh it many times over (a weight of 1e4
+    typed for 1e-4): the merge is exact, but the model is likely no longer the base's."""
+    deltas = [e for e in t.ops if isinstance(e, AddDelta) and not isinstance(e, (Dora, AddBias))]
+    if not deltas or src.dim() == 0 or not src.is_floating_point():
+        return None
+    added = sum(abs(e.weight) * e.module.delta.norm() for e in deltas if e.module is not None)
+    base = float(torch.linalg.vector_norm(src.float()))
+    if added > SWAMP * max(base, 1e-30):
+        return (f"{t.name}: the weighted ΔW is {added / max(base, 1e-30):.3g}× the size of the base tensor "
+                "(‖wΔW‖/‖W‖); at these weights the adapter swamps the base — check --weight")
+    return None
+
+
 def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
-                   undo_out: UndoData | None = None) -> torch.Tensor:
+                   undo_out: UndoData | None = None, warnings: list[str] | None = None) -> torch.Tensor:
     """The output value of one planned tensor, rounded once to its output dtype, on the CPU.
 
     Work is done in row blocks so that temporaries stay small whatever the tensor's size. With
@@ -84,6 +101,8 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
     out_dtype = BY_ST[t.out_dtype].torch
     if not t.ops:
         return src.to(out_dtype)
+    if warnings is not None and (note := swamp_warning(t, src)):
+        warnings.append(note)
     norms: list[torch.Tensor] = []
     c = Compute(compute.dtype, compute.device, norms)
     result = _blocks_apply(src, t, t.ops, out_dtype=out_dtype, c=c, operation=plan.operation)
@@ -166,7 +185,7 @@ def write_plan(
                     writer.copy_range(t.name, t.source)
                     result.copied += 1
                 else:
-                    value = compute_tensor(plan, t, compute=compute, undo_out=undo_out)
+                    value = compute_tensor(plan, t, compute=compute, undo_out=undo_out, warnings=result.warnings)
                     writer.write_tensor(t.name, value)
                     del value
                     spill.add(undo_out)

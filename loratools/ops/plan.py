@@ -52,10 +52,11 @@ class AdapterInput:
     sha256: str
     label: str
     sign: float = 1.0  # −1: taken out (unmerge, the old adapter of swap)
+    source: str = ""  # what records name it by: its Hub id, or its file name (never a local absolute path)
 
     def record(self) -> dict:
         return {
-            "path": str(self.adapter.path),
+            "path": self.source or (self.adapter.path.name if self.adapter.path else self.label),
             "format": self.adapter.format,
             "sha256": self.sha256,
             "weight": self.weight,

@@ -17,12 +17,11 @@ import torch
 
 from ..adapter import Adapter, LoraModule, lowrank_module
 from ..deltas import LowRank
-from ..checkpoint.writer import check_output
 from ..errors import InvalidArgumentError, ShapeMismatchError, UnsupportedAdapterError
 from ..formats import spec
 from ..layout import is_conv1d_target
 from ..options import Options, check_weights
-from ..pipeline import open_base, prepare_adapter, write_adapter_output
+from ..pipeline import check_adapter_out, open_base, prepare_adapter, write_adapter_output
 from . import algebra
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -187,8 +186,7 @@ def stack(
         raise InvalidArgumentError("stack needs at least one adapter.")
     ws = [float(w) for w in check_weights(weights, len(adapters))]  # type: ignore[arg-type]
     if not opts.dry_run:
-        check_output(out, inputs=[Path(a) for a in [*adapters, base] if a is not None and not isinstance(a, Adapter)
-                                  and Path(a).exists()], overwrite=opts.overwrite)
+        check_adapter_out(out, [*adapters, base], opts, command="stack")
     read = [prepare_adapter(a, opts, base=base, open_orientation=True) for a in adapters]
     result = AdapterResult(out=None if opts.dry_run else out)
     targets = _modules_by_target(read, ws)
@@ -216,8 +214,10 @@ def stack(
                       meta={"format": to, "base_model": next((a.meta.get("base_model") for a in read), None),
                             "config": read[0].meta.get("config", {}), "base_copies": sorted(base_copies)})
     if not opts.dry_run:
-        write_adapter_output(adapter, out, opts, to=to, expected=exact if method == "cat" else
-                             {n: _matrix(m) for n, m in modules.items()})
+        written = write_adapter_output(adapter, out, opts, to=to, operation=f"stack --method {method}",
+                                       sources=adapters, expected=exact if method == "cat" else
+                                       {n: _matrix(m) for n, m in modules.items()})
+        result.warnings = written.notes + result.warnings
     return result
 
 
@@ -238,8 +238,7 @@ def resize(
     if energy is not None and not 0 < energy <= 1:
         raise InvalidArgumentError("--energy is a fraction in (0, 1].")
     out = Path(out)
-    check_output(out, inputs=[Path(p) for p in [adapter] if not isinstance(p, Adapter) and Path(p).exists()],
-                 overwrite=opts.overwrite)
+    check_adapter_out(out, [adapter], opts, command="resize")
     a = prepare_adapter(adapter, opts, open_orientation=True)
     result = AdapterResult(out=out, warnings=list(a.warnings))
     modules = {}
@@ -254,7 +253,8 @@ def resize(
                                   bias=None if m.bias is None else m.bias * m.scale)
         result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
-    write_adapter_output(out_adapter, out, opts, to=to)
+    written = write_adapter_output(out_adapter, out, opts, to=to, operation="resize", sources=[adapter])
+    result.warnings = written.notes + result.warnings
     return result
 
 
@@ -294,7 +294,7 @@ def extract(
     spec(to, writing=True)
     progress = opts.progress
     out = Path(out)
-    check_output(out, inputs=[Path(p) for p in (base, tuned) if Path(p).exists()], overwrite=opts.overwrite)
+    check_adapter_out(out, [base, tuned], opts, command="extract")
     b_base, t_base = open_base(base), open_base(tuned)
     if b_base.is_pipeline or t_base.is_pipeline:
         raise InvalidArgumentError("extract works on one model; pass a pipeline's component folders (e.g. BASE/unet).")
@@ -356,5 +356,6 @@ def extract(
     if not modules and not replacements:
         raise InvalidArgumentError("TUNED equals BASE in every tensor: there is nothing to extract.")
     adapter = Adapter(modules=modules, replacements=replacements, meta={"format": to, "base_model": None})
-    write_adapter_output(adapter, out, opts, to=to)
+    written = write_adapter_output(adapter, out, opts, to=to, operation="extract", sources=[base, tuned])
+    result.warnings = written.notes + result.warnings
     return result
