@@ -56,10 +56,11 @@ class TensorCheck:
     dtype: str
     status: str  # "ok", "FAIL"
     kind: str  # "changed" or "identical"
-    max_ulps: float = 0.0
+    max_ulps: float = 0.0  # in ulps of the output dtype at max(|W|, |ΔW|): meaningful where W and ΔW cancel
     rel_err: float = 0.0
     mismatched: int = 0
     numel: int = 0
+    bound_ratio: float = 0.0  # the largest error / its bound: ≤ 1 passes
 
     @property
     def ok(self) -> bool:
@@ -90,8 +91,9 @@ class VerifyReport:
         computed = len(changed) - len(restored)
         parts = []
         if computed or not restored:
-            rel = max((c.rel_err for c in changed if c.kind == "changed"), default=0.0)
-            parts.append(f"{computed} changed tensor(s) within bounds (max {worst:.2f} ulp, relative error {rel:.1e})")
+            ratio = max((c.bound_ratio for c in changed if c.kind == "changed"), default=0.0)
+            parts.append(f"{computed} changed tensor(s) within their bound (the worst error is {ratio:.2f} of it; "
+                         f"{worst:.2f} ulp of max(|W|, |ΔW|))")
         if restored:
             parts.append(f"{len(restored)} restored bit for bit (sha256 as recorded at merge time)")
         return f"verify OK: {', '.join(parts)}, {len(identical)} bit-identical{fwd}."
@@ -118,7 +120,7 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
     src = plan.base.get(t.name)
     got_all = load_tensor(written)
     c64 = Compute(torch.float64, torch.device("cpu"))
-    max_ulps = max_err = max_ref = 0.0
+    max_ulps = max_err = max_ref = max_ratio = 0.0
     bad = 0
     scalar = src.dim() == 0
     for i, j in ([(0, 1)] if scalar else row_blocks(tuple(src.shape), t.ops, VERIFY_CHUNK)):
@@ -130,16 +132,21 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
         if out_dtype in _FLOAT_FACTS:
             unit = ulp(ref, out_dtype)
             bound = unit if fp64 else error_bound(ops, W, ref).double().add_(unit)
-            ulps = err / unit
+            # measured in ulps of the larger of |W| and |ΔW|: where they cancel, ulps of the tiny
+            # result say nothing (an exact zero has a subnormal ulp)
+            W64 = W.to(torch.float64)
+            ulps = err / ulp(torch.maximum(W64.abs(), (ref - W64).abs()), out_dtype)
+            ratio = err / bound
         else:
             bound = torch.zeros_like(err)
-            ulps = err
+            ulps = ratio = err
         bad += int((err > bound).sum())
         if err.numel():
             block_err = float(err.max())
             if not math.isfinite(block_err):  # NaN compares false above: count non-finite values here
                 bad += int((~torch.isfinite(err)).sum())
             max_ulps = max(max_ulps, float(ulps.max()))
+            max_ratio = max(max_ratio, float(ratio.max()))
             max_err = max(max_err, block_err)
             max_ref = max(max_ref, float(ref.abs().max()))
     return TensorCheck(
@@ -151,6 +158,7 @@ def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool 
         rel_err=max_err / (max_ref or 1.0),
         mismatched=bad,
         numel=src.numel(),
+        bound_ratio=max_ratio,
     )
 
 
@@ -196,26 +204,38 @@ def _layer(W: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x @ (W if transposed else W.T)
 
 
-def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weight: float, dtype: str,
-                  seed: int = 0, n: int = 16) -> TensorCheck:
-    """Random inputs through one targeted layer: the adapter applied un-merged, the way the layer
-    runs it (x → A → B, never through :func:`loratools.delta`), against the merged weight."""
-    g = torch.Generator().manual_seed(seed)
+def _factors64(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) in float64 such that the layer adds s·(x Aᵀ) Bᵀ: a low-rank module's own factors
+    (the layer's path x → A → B, never through :func:`loratools.delta`), other kinds as (I, ΔW)."""
     d = m.delta
-    if isinstance(d, LowRank):  # the layer's own path: x → A → B
-        A, B, s = d.A.double(), d.B.double(), d.scale * weight
-    else:  # other kinds: their ΔW as a factor pair (ΔW, I)
-        A, B, s = torch.eye(m.fan_in, dtype=torch.float64), d.matrix(dtype=torch.float64), weight
-    rank = int(A.shape[0])
+    if isinstance(d, LowRank):
+        return d.A.double(), d.B.double(), d.scale * weight
+    return torch.eye(m.fan_in, dtype=torch.float64), d.matrix(dtype=torch.float64), weight
+
+
+def forward_check(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged: torch.Tensor, *, dtype: str,
+                  seed: int = 0, n: int = 16) -> TensorCheck:
+    """Random inputs through one targeted layer: every adapter that changes it applied un-merged,
+    the way the layer runs it (x → A → B per adapter, summed), against the merged weight.
+
+    ``parts``: (module, weight) of each adapter on this tensor (DoRA is always alone on its
+    tensor: planning refuses it beside other changes)."""
+    g = torch.Generator().manual_seed(seed)
+    m = parts[0][0]
+    fs = [_factors64(p, w) for p, w in parts]
+    rank = sum(int(A.shape[0]) for A, _, _ in fs)
     W64, M64 = W.double(), merged.double()
     mant = _FLOAT_FACTS.get(BY_ST[dtype].torch, (52, 0))[0]
     u = 2.0**-24
+    dora = m.magnitude is not None and len(parts) == 1
     if m.kind == "embedding":
         idx = torch.randint(0, W.shape[0], (n,), generator=g)
-        ref = W64[idx] + s * (A[:, idx].T @ B.T)
+        ref = W64[idx] + sum(s * (A[:, idx].T @ B.T) for A, B, s in fs)
         got = M64[idx]
-        bound = 2.0**-mant * got.abs() + (rank + 4) * u * (W64[idx].abs() + abs(s) * (A[:, idx].T.abs() @ B.T.abs()))
-        if m.magnitude is not None:  # DoRA on an embedding (PEFT): normed per embedding dimension, over the vocabulary
+        bound = 2.0**-mant * got.abs() + (rank + 4) * u * (
+            W64[idx].abs() + sum(abs(s) * (A[:, idx].T.abs() @ B.T.abs()) for A, B, s in fs))
+        if dora:  # DoRA on an embedding (PEFT): normed per embedding dimension, over the vocabulary
+            A, B, s = fs[0]
             norm = torch.linalg.vector_norm(W64 + s * (A.T @ B.T), dim=0)
             ref = ref * (m.magnitude.double() / norm)
             bound = (4 * 2.0**-mant + (W.shape[0] + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
@@ -224,25 +244,26 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
         pad = [d // 2 for d in k]
         conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[len(k)]
         x = torch.randn(2, W.shape[1], *[d + 4 for d in k], generator=g, dtype=torch.float64)
-        down = A.reshape(rank, W.shape[1], *k)
-        up = B.reshape(m.fan_out, rank, *([1] * len(k)))
-        ref = conv(x, W64, padding=pad) + s * conv(conv(x, down, padding=pad), up)
+        convs = [(A.reshape(A.shape[0], W.shape[1], *k), B.reshape(m.fan_out, B.shape[1], *([1] * len(k))), s)
+                 for A, B, s in fs]
+        ref = conv(x, W64, padding=pad) + sum(s * conv(conv(x, down, padding=pad), up) for down, up, s in convs)
         got = conv(x, M64, padding=pad)
         mag = conv(x.abs(), M64.abs(), padding=pad)
-        bound = 2.0**-mant * mag + (rank + 4 + W[0].numel()) * u * (
-            conv(x.abs(), W64.abs(), padding=pad) + abs(s) * conv(conv(x.abs(), down.abs(), padding=pad), up.abs()))
-        if m.magnitude is not None:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
-            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, rank), down)
+        bound = 2.0**-mant * mag + (rank + 4 + W[0].numel()) * u * (conv(x.abs(), W64.abs(), padding=pad) + sum(
+            abs(s) * conv(conv(x.abs(), down.abs(), padding=pad), up.abs()) for down, up, s in convs))
+        if dora:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
+            down, up, s = convs[0]
+            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, -1), down)
             norm = torch.linalg.vector_norm(effective.reshape(m.fan_out, -1), dim=1)
             ref = ref * (m.magnitude.double() / norm).reshape(1, -1, *([1] * len(k)))
             bound = (4 * 2.0**-mant + (W[0].numel() + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
     else:
         t = bool(m.transposed)
         x = torch.randn(n, m.fan_in, generator=g, dtype=torch.float64)
-        lora = s * ((x @ A.T) @ B.T)
-        ref = _layer(W64, x, t) + lora
+        ref = _layer(W64, x, t) + sum(s * ((x @ A.T) @ B.T) for A, B, s in fs)
         got = _layer(M64, x, t)
-        if m.magnitude is not None:  # DoRA: m / ‖W + ΔW‖, with W + ΔW read off the layer itself
+        if dora:  # DoRA: m / ‖W + ΔW‖, with W + ΔW read off the layer itself
+            A, B, s = fs[0]
             eye = torch.eye(m.fan_in, dtype=torch.float64)
             effective = (_layer(W64, eye, t) + s * ((eye @ A.T) @ B.T)).T  # (out, in)
             per_input = m.dora_per_input  # old LyCORIS: per input column, else per output row
@@ -251,8 +272,9 @@ def forward_check(m: LoraModule, W: torch.Tensor, merged: torch.Tensor, *, weigh
             ref = x @ (effective * factor).T
             bound = (4 * 2.0**-mant + (m.fan_in + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
         else:
-            bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (rank + 4) * u * (
-                x.abs() @ (W64.abs() if t else W64.abs().T) + abs(s) * ((x.abs() @ A.abs().T) @ B.abs().T))
+            bound = 2.0**-mant * (x.abs() @ (M64.abs() if t else M64.abs().T)) + (rank + 4 + len(fs)) * u * (
+                x.abs() @ (W64.abs() if t else W64.abs().T)
+                + sum(abs(s) * ((x.abs() @ A.abs().T) @ B.abs().T) for A, B, s in fs))
     err = (got - ref).abs()
     bad = int((err > bound * 1.0001).sum())
     return TensorCheck(m.target, dtype, "ok" if bad == 0 else "FAIL", "forward",
@@ -281,10 +303,13 @@ def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
             progress(i, len(names), t.name)
     for name in sorted(set(out.tensors) - set(ckpt.tensors)):
         report.checks.append(TensorCheck(name, out.tensors[name].dtype, "FAIL", "extra"))
-    if forward:
+    if forward:  # one check per adapted tensor, with every adapter that changes it
+        by_target: dict[str, list[tuple[LoraModule, float]]] = {}
         for ai in plan.adapters:
             for target, m in ai.adapter.modules.items():
-                if target in out.tensors and tuple(out.tensors[target].shape) == tuple(ckpt.tensors[target].shape):
-                    report.checks.append(forward_check(m, ckpt.get(target), out.get(target), weight=ai.weight,
-                                                       dtype=out.tensors[target].dtype, seed=len(report.checks)))
+                by_target.setdefault(target, []).append((m, float(ai.sign * (ai.weight or 0.0))))
+        for target, parts in by_target.items():
+            if target in out.tensors and tuple(out.tensors[target].shape) == tuple(ckpt.tensors[target].shape):
+                report.checks.append(forward_check(parts, ckpt.get(target), out.get(target),
+                                                   dtype=out.tensors[target].dtype, seed=len(report.checks)))
     return report

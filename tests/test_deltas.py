@@ -219,3 +219,20 @@ def test_corrupt_provenance_stops_unmerge(bases, adapters, tmp_path: Path) -> No
 def test_replace_keeps_module_fields() -> None:
     m = lowrank_module("a.weight", torch.zeros(1, 2), torch.zeros(3, 1), 2.0, 2.0)
     assert replace(m, target="b.weight").delta is m.delta and m.scale == 2.0 and m.rank == 1
+
+
+def test_errors_are_measured_where_they_mean_something(bases, tmp_path: Path) -> None:
+    """W and ΔW that cancel (exact zeros, near-cancellation): the check passes and reports at most
+    one ulp of max(|W|, |ΔW|) for bf16 — not thousands of ulps of a tiny result — and the
+    documented bound for fp32; a round trip through exact zeros reports a small number."""
+    for base_name, limit in (("llama-bf16", 1.0), ("llama", 8.0)):
+        base = bases[base_name]
+        W = open_checkpoint(base).get(TARGET).double()
+        diff = -W.clone()
+        diff[64:] *= 1 - 1e-3  # rows 0..63 cancel exactly, the rest nearly
+        adapter = Adapter(modules={TARGET: LoraModule(TARGET, Full(diff.float()))}, meta={"format": "test"})
+        out = tmp_path / base_name
+        result = loratools.merge(base, [adapter], out, device="cpu")
+        check = next(c for c in result.verify.checks if c.name == TARGET)
+        assert check.ok and check.max_ulps <= limit and check.bound_ratio <= 1.0, check
+        assert "within their bound" in result.verify.summary()

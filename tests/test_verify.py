@@ -175,3 +175,38 @@ def test_stack_and_convert_verify_their_outputs(adapters, tmp_path: Path, monkey
     with pytest.raises(loratools.VerificationError):
         loratools.convert(adapters["all-linear"], tmp_path / "c", to="peft")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("base_name,names,weights", [
+    ("llama", ["all-linear", "second"], [1.0, 0.5]),
+    ("llama-bf16", ["all-linear", "second"], [1.0, 1.0]),
+    ("gpt2", ["lora-bias", "gpt2-no-fifo"], [1.0, 2.0]),
+])
+def test_forward_verifies_several_adapters_on_one_tensor(bases, adapters, tmp_path: Path, base_name, names,
+                                                         weights) -> None:
+    """Two adapters touching the same tensor: --forward runs both through the layer, summed; the
+    merges of loratools and of PEFT (another tool) verify, a damaged one does not."""
+    paths = [adapters[n] for n in names]
+    ours = tmp_path / "ours"
+    loratools.merge(bases[base_name], paths, ours, weights=weights, device="cpu")
+    report = verify_checkpoint(bases[base_name], paths, ours, weights=weights, forward=True)
+    forward = [c for c in report.checks if c.kind == "forward"]
+    assert report.ok and forward and len({c.name for c in forward}) == len(forward), report.summary()
+    if base_name == "llama-bf16":
+        return
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    sd = models.peft_merged_state_dict(bases[base_name], paths, weights)
+    base_sd = {}
+    for f in sorted(Path(bases[base_name]).glob("*.safetensors")):
+        base_sd.update(load_file(f))
+    save_file({k: sd[k].contiguous() for k in base_sd}, theirs / "model.safetensors")
+    forward_only = [c for c in verify_checkpoint(bases[base_name], paths, theirs, weights=weights,
+                                                 forward=True).checks if c.kind == "forward"]
+    assert forward_only and all(c.ok for c in forward_only), [c for c in forward_only if not c.ok]
+    # one adapter left out: the forward check of every shared tensor fails
+    shared = {c.name for c in forward}
+    wrong = [c for c in verify_checkpoint(bases[base_name], paths[:1], ours, weights=weights[:1],
+                                          forward=True).checks if c.kind == "forward" and c.name in shared]
+    assert wrong and not any(c.ok for c in wrong if c.name in {
+        t for t in loratools.load_adapter(paths[1], base=bases[base_name]).modules})

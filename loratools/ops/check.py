@@ -73,7 +73,7 @@ def round_trip(base: str | Path, adapters: Sequence[str | Path], *, weights: Seq
         opts: dict[str, object] = dict(layout=layout, device=device, verify=False)
         merged = merge(base, adapters, tmp / name, weights=weights, reversible=True, **opts)
         unmerge(tmp / name, adapters, tmp / back_name, exact=False, **opts)
-        orig, back = open_checkpoint(resolve(base)), open_checkpoint(tmp / back_name)
+        orig, back, mid = open_checkpoint(resolve(base)), open_checkpoint(tmp / back_name), open_checkpoint(tmp / name)
         changed = set(merged.changed)
         exact = elements = 0
         worst = 0.0
@@ -82,7 +82,10 @@ def round_trip(base: str | Path, adapters: Sequence[str | Path], *, weights: Seq
             elements += a.numel()
             exact += int((a == b).sum())
             if a.dtype in _FLOAT_FACTS:
-                worst = max(worst, float(((a.double() - b.double()).abs() / ulp(a.double(), a.dtype)).max()))
+                # ulps of the larger of |W| and |ΔW| (≈ |W' − W|): an exact zero in W has no meaningful ulp
+                a64, m64 = a.double(), mid.get(n).double()
+                unit = ulp(torch.maximum(a64.abs(), (m64 - a64).abs()), a.dtype)
+                worst = max(worst, float(((a64 - b.double()).abs() / unit).max()))
         shutil.rmtree(tmp / back_name) if (tmp / back_name).is_dir() else (tmp / back_name).unlink()
         unmerge(tmp / name, adapters, tmp / back_name, exact=True, **opts)
         back = open_checkpoint(tmp / back_name)
