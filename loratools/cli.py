@@ -4,7 +4,9 @@ renders its result; errors are turned into one message and exit code 1 (usage er
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +34,50 @@ class LoraToolsGroup(click.Group):
             if ctx.meta.get("loratools.debug"):
                 raise
             raise _Failure(str(e)) from None
+        except BrokenPipeError:  # `loratools info … | head`: the reader has what it wanted
+            _quiet_broken_pipe()
         except OSError as e:  # disk full, permission denied… while reading or writing
             if ctx.meta.get("loratools.debug"):
                 raise
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            raise _Failure(f"{e.strerror or e}{where}. Nothing was written.") from None
+            raise _Failure(describe_os_error(e)) from None
+
+
+# what each errno means for the user: what failed, and what to do (the same shape as every message)
+_OS_ADVICE = {
+    errno.ENOSPC: "The disk is full. Free space next to OUT (the output is written there first), or choose OUT on "
+                  "another disk.",
+    errno.EDQUOT: "The disk quota is exhausted. Free space, or choose OUT elsewhere.",
+    errno.EACCES: "Permission denied. Check that you may read the inputs and write next to OUT.",
+    errno.EPERM: "The operation is not permitted here. Check the permissions of the inputs and of OUT's folder.",
+    errno.EROFS: "That file system is read-only. Choose OUT on a writable disk.",
+    errno.EEXIST: "Something of that name already exists. Choose another OUT, or remove it first.",
+    errno.EBUSY: "The file or folder is in use (a mount point, or open elsewhere). Choose another OUT.",
+    errno.ENOTDIR: "A part of the path is a file, not a folder. Check the path.",
+    errno.EISDIR: "A folder was found where a file was expected. Check the path.",
+    errno.ENAMETOOLONG: "The path is too long for the file system. Choose a shorter OUT.",
+    errno.EMFILE: "Too many files are open. Raise the limit (ulimit -n) and retry.",
+    errno.EIO: "The disk reported an input/output error. Check the disk; the inputs may be damaged.",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    where = f"{e.filename}" if getattr(e, "filename", None) else "a file"
+    if getattr(e, "filename2", None):
+        where += f" → {e.filename2}"
+    what = e.strerror or str(e) or type(e).__name__
+    advice = _OS_ADVICE.get(e.errno or -1, "Check the path and retry.")
+    return f"{what} while working on {where}. Nothing was written.\n{advice}"
+
+
+def _quiet_broken_pipe() -> None:
+    """Leave quietly when stdout's reader has gone (``| head``): point stdout at /dev/null so the
+    interpreter's final flush does not complain, and exit with the usual code for SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(141)
 
 
 def _safe(text: str) -> str:
@@ -78,16 +119,20 @@ def _progress(quiet: bool, label: str) -> tuple[Callable[[int, int, str], None] 
     state: dict[str, Any] = {}
 
     def update(done: int, total: int, name: str) -> None:
+        # a phase ("verify: <tensor>") starts a bar of its own; a new total or a step back does too
+        phase = name.split(":", 1)[0] if ":" in name and " " not in name.split(":", 1)[0] else label
+        if "bar" in state and (state["phase"] != phase or state["total"] != total or done < state["seen"]):
+            state.pop("bar").__exit__(None, None, None)
         if "bar" not in state:
-            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
+            state["bar"] = click.progressbar(length=total, label=phase, file=sys.stderr, show_eta=True)
             state["bar"].__enter__()
-            state["seen"] = 0
+            state.update(seen=0, phase=phase, total=total)
         state["bar"].update(done - state["seen"])
         state["seen"] = done
 
     def close() -> None:
         if "bar" in state:
-            state["bar"].__exit__(None, None, None)
+            state.pop("bar").__exit__(None, None, None)
 
     return update, close
 
@@ -198,7 +243,7 @@ weight_option = click.option("--weight", "weights", type=float, multiple=True,
 
 @cli.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(path_type=Path))
 @weight_option
 @click.option("--reversible", is_flag=True,
               help="Store beside OUT the few values rounding would not give back, so unmerge restores BASE bit for bit.")
@@ -233,7 +278,7 @@ def merge(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], push_
 
 @cli.command()
 @click.argument("merged", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(path_type=Path))
 @weight_option
 @click.option("--force", is_flag=True, help="Take out adapters that MERGED's record does not list, or at other weights.")
 @click.option("--exact/--no-exact", default=True, show_default=True,
@@ -299,7 +344,7 @@ def _result_json(result: Any) -> dict[str, Any]:
     return out
 
 
-def _report_modules(result: Any, as_json: bool, verb: str) -> None:
+def _report_modules(result: Any, as_json: bool, verb: str, quiet: bool = False) -> None:
     _warn(result.warnings)
     if as_json:
         click.echo(json.dumps({
@@ -311,14 +356,14 @@ def _report_modules(result: Any, as_json: bool, verb: str) -> None:
             "warnings": result.warnings,
         }, indent=2))
         return
-    if result.modules:
+    if result.modules and not quiet:
         width = max(len(m.target) for m in result.modules)
         click.echo(f"{'module':<{width}}  rank  rel. error")
         for m in result.modules:
             click.echo(f"{m.target:<{width}}  {m.rank:>4}  {m.relative_error:.3e}  {m.note}".rstrip())
-    if result.replacements:
+    if result.replacements and not quiet:
         click.echo(f"full tensors kept: {', '.join(result.replacements)}")
-    if result.skipped:
+    if result.skipped and not quiet:
         click.echo(f"skipped: {', '.join(result.skipped)}")
     where = f" to {result.out}" if result.out else " (dry run: nothing was written)"
     click.echo(f"{verb}: {len(result.modules)} module(s){where}.")
@@ -329,7 +374,7 @@ to_option = click.option("--to", "to", type=click.Choice(WRITABLE), default="pef
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(path_type=Path))
 @click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
                                              "magnitude_prune"]), required=True,
               help="cat: exact, ranks add up. svd/linear: best rank-R approximation of Σ wᵢΔWᵢ. ties, dare_linear, "
@@ -349,10 +394,13 @@ to_option = click.option("--to", "to", type=click.Choice(WRITABLE), default="pef
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Bind every adapter to this base first, so that kohya, diffusers and PEFT names of one module meet.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Store the written factors in this dtype (default: the inputs' own; extract: fp32).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table: the summary line only.")
 @push_to_option
 def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank: int | None, energy: float | None,
           density: float | None, seed: int, to: str, verify: bool, dry_run: bool, overwrite: bool,
-          as_json: bool, base: Path | None, push_to: str | None) -> None:
+          as_json: bool, base: Path | None, dtype: str | None, quiet: bool, push_to: str | None) -> None:
     """One adapter from several: ADAPTER... OUT.
 
     Everything is combined as ΔW — never A and B separately, which would add cross terms. svd
@@ -362,11 +410,16 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
     from .ops.stack import stack as do_stack
 
     adapters, out = _split_out(paths, "stack")
-    result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy, density=density,
-                      seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify, base=base)
-    _report_modules(result, as_json, f"stack --method {method}")
+    bar, close = _progress(quiet or as_json, "stacking")
+    try:
+        result = do_stack(adapters, out, method=method, weights=list(weights), rank=rank, energy=energy,
+                          density=density, seed=seed, to=to, overwrite=overwrite, dry_run=dry_run, verify=verify,
+                          base=base, dtype=dtype, progress=bar)
+    finally:
+        close()
+    _report_modules(result, as_json, f"stack --method {method}", quiet)
     if not dry_run:
-        _push_after(out, push_to, quiet=as_json)
+        _push_after(out, push_to, quiet=as_json or quiet)
 
 
 @cli.command()
@@ -378,12 +431,20 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
 @to_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Store the written factors in this dtype (default: the inputs' own; extract: fp32).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table: the summary line only.")
 def resize(adapter: Path, out: Path, rank: int | None, energy: float | None, to: str, overwrite: bool,
-           as_json: bool) -> None:
+           as_json: bool, dtype: str | None, quiet: bool) -> None:
     """Change an adapter's rank by truncated SVD of each module's ΔW (best rank-R, Eckart–Young)."""
     from .ops.stack import resize as do_resize
 
-    _report_modules(do_resize(adapter, out, rank=rank, energy=energy, to=to, overwrite=overwrite), as_json, "resize")
+    bar, close = _progress(quiet or as_json, "resizing")
+    try:
+        result = do_resize(adapter, out, rank=rank, energy=energy, to=to, overwrite=overwrite, dtype=dtype, progress=bar)
+    finally:
+        close()
+    _report_modules(result, as_json, "resize", quiet)
 
 
 @cli.command()
@@ -400,24 +461,26 @@ def resize(adapter: Path, out: Path, rank: int | None, energy: float | None, to:
 @to_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table: the summary line only.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Store the written factors in this dtype (default: the inputs' own; extract: fp32).")
 def extract(base: Path, tuned: Path, out: Path, rank: int | None, energy: float | None, embeddings: str, norms: str,
-            to: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            to: str, overwrite: bool, as_json: bool, quiet: bool, dtype: str | None) -> None:
     """A LoRA adapter from a fine-tuned model: SVD of TUNED − BASE per weight (float32), streamed."""
     from .ops.stack import extract as do_extract
 
     bar, close = _progress(quiet or as_json, "extracting")
     try:
         result = do_extract(base, tuned, out, rank=rank, energy=energy, embeddings=embeddings, norms=norms, to=to,
-                            overwrite=overwrite, progress=bar)
+                            overwrite=overwrite, progress=bar, dtype=dtype)
     finally:
         close()
-    _report_modules(result, as_json, "extract")
+    _report_modules(result, as_json, "extract", quiet)
 
 
 @cli.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... MERGED", type=click.Path(path_type=Path))
 @weight_option
 @layout_option
 @click.option("--forward", is_flag=True,
@@ -439,7 +502,11 @@ def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layo
     from .ops.check import round_trip as do_round_trip, verify_checkpoint
 
     if round_trip:
-        rt = do_round_trip(base, list(paths), weights=list(weights) or None, layout=layout)
+        bar, close = _progress(quiet or as_json, "round trip")
+        try:
+            rt = do_round_trip(base, list(paths), weights=list(weights) or None, layout=layout, progress=bar)
+        finally:
+            close()
         data = {
             "tensors": rt.tensors, "elements": rt.elements, "bit_exact_fraction": rt.bit_exact / max(1, rt.elements),
             "max_ulps": rt.max_ulps, "reversible_overhead_bytes": rt.reversible_overhead,
@@ -496,8 +563,10 @@ def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layo
 @click.option("--revision", default=None, help="Branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--message", "-m", default=None, help="Commit message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 def push(path: Path, repo_id: str, base_model: str | None, private: bool, revision: str | None, create_pr: bool,
-         message: str | None) -> None:
+         message: str | None, as_json: bool, quiet: bool) -> None:
     """Upload a folder (a merged model or an adapter) to the Hub as one commit.
 
     The repo is created if needed; remote weight shards and indexes the folder no longer has are
@@ -511,8 +580,12 @@ def push(path: Path, repo_id: str, base_model: str | None, private: bool, revisi
                      message=message)
     _warn(result.notes)
     where = result.pr_url or result.commit_url
-    click.echo(f"pushed {len(result.uploaded)} file(s) to {repo_id}: {where}"
-               + (f"; deleted {len(result.deleted)} stale file(s)" if result.deleted else ""))
+    if as_json:
+        click.echo(json.dumps({"repo_id": repo_id, "commit_url": result.commit_url, "pr_url": result.pr_url,
+                               "uploaded": result.uploaded, "deleted": result.deleted, "notes": result.notes}, indent=2))
+    elif not quiet:
+        click.echo(f"pushed {len(result.uploaded)} file(s) to {repo_id}: {where}"
+                   + (f"; deleted {len(result.deleted)} stale file(s)" if result.deleted else ""))
 
 
 scale_option = click.option(
@@ -541,9 +614,11 @@ scale_option = click.option(
 @from_option
 @allow_skip_option
 @push_to_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | None, scale: float | None,
             dtype: str | None, verify: bool, overwrite: bool, server: str | None, max_rank: int | None,
-            from_format: str | None, allow_skip: bool, push_to: str | None) -> None:
+            from_format: str | None, allow_skip: bool, push_to: str | None, as_json: bool, quiet: bool) -> None:
     """Rewrite an adapter in another format, keeping every module's ΔW.
 
     \b
@@ -557,9 +632,14 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
                         overwrite=overwrite, verify=verify, server=server, max_rank=max_rank,
                         from_format=from_format, allow_skip=allow_skip)
     _warn(result.warnings)
-    check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
-    click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
-    _push_after(out, push_to)
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "format": result.format, "modules": result.modules,
+                               "max_rel_err": result.max_rel_err if verify else None, "warnings": result.warnings},
+                              indent=2))
+    elif not quiet:
+        check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
+        click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
+    _push_after(out, push_to, quiet=quiet or as_json)
 
 
 @cli.command()
@@ -571,8 +651,9 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
 @from_option
 @allow_skip_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="The summary line only, no table.")
 def info(adapter: Path, base: Path | None, layout: str | None, scale: float | None, from_format: str | None,
-         allow_skip: bool, as_json: bool) -> None:
+         allow_skip: bool, as_json: bool, quiet: bool) -> None:
     """What an adapter is: format, targets, ranks, alphas and scales, dtypes, parameter count,
     and ‖ΔW‖ per module."""
     from .hub import resolve
@@ -580,7 +661,12 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
 
     data = None
     if base is None and layout is None and scale is None and from_format in (None, "peft"):
-        data = summarize_fast(Path(resolve(adapter, kind="adapter")), shown_as=str(adapter))  # no torch
+        local = Path(resolve(adapter, kind="adapter"))
+        if not local.exists():
+            from .errors import AdapterNotFoundError
+
+            raise AdapterNotFoundError(f"Adapter not found: {adapter}.", path=adapter)
+        data = summarize_fast(local, shown_as=str(adapter))  # no torch
     self_bound = False
     if data is None:
         from .options import Options
@@ -598,6 +684,8 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
     rows = data["module_list"]
     _warn(data["warnings"])
     click.echo(f"{adapter}: {data['format']} adapter, {len(rows)} LoRA module(s), {data['parameters']:,} parameters")
+    if quiet:
+        return
     if data["base_model"]:
         click.echo(f"base model: {data['base_model']}")
     if data["replacements"]:

@@ -38,8 +38,12 @@ class RepoRef:
 
 
 def parse_repo(text: str) -> RepoRef | None:
-    """A Hub reference, or None when ``text`` does not look like one."""
+    """A Hub reference, or None when ``text`` does not look like one: paths that start with
+    ``.``, ``/`` or ``~``, and paths whose first folder exists here (``adapters/my-lora`` with a
+    local ``adapters/``: a typo in a local path, not a Hub id), are local."""
     if text.startswith((".", "/", "~")) or "\\" in text:
+        return None
+    if Path(text.split("/", 1)[0]).exists():
         return None
     m = REPO_ID.match(text)
     if not m or m["repo"].count("/") != 1:
@@ -97,6 +101,26 @@ def _patterns_for(files: list[str], sub: str | None, *, kind: str) -> list[str]:
     return keep
 
 
+def _check_reachable(ref: RepoRef) -> None:
+    """One quick request to the endpoint before the client's own retries (which wait half a
+    minute on a network that is down): an unreachable Hub fails at once, naming the id and the
+    way to work from the cache. Offline mode makes no request."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as e:  # connection refused, DNS failure, timeout: no answer at all
+        raise HubError(
+            f"{ref.repo_id} is not a local path, and the Hub ({constants.ENDPOINT}) cannot be reached: "
+            f"{type(e).__name__}.",
+            path=ref.repo_id,
+            hint="Check the path if you meant a local file. To use what is already downloaded, set HF_HUB_OFFLINE=1.",
+        ) from None
+
+
 def resolve(arg: str | Path, *, kind: str = "checkpoint") -> Path:
     """A local path for an input argument: the path itself when it exists, else a Hub snapshot."""
     path = Path(arg)
@@ -107,6 +131,7 @@ def resolve(arg: str | Path, *, kind: str = "checkpoint") -> Path:
         return path  # the reader reports the missing path
     from huggingface_hub import HfApi, snapshot_download
 
+    _check_reachable(ref)
     try:
         try:
             files = HfApi().list_repo_files(ref.repo_id, revision=ref.revision)

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import CorruptFileError
 
-__all__ = ["load_json", "read_json", "get_field", "dump_json"]
+__all__ = ["load_json", "read_json", "get_field", "dump_json", "clip", "MAX_NAME_SHOWN"]
 
 T = TypeVar("T")
 MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_NAME_SHOWN = 200  # characters of a file-supplied name (tensor, key, pattern) a message shows
+
+
+def clip(text: object, limit: int = MAX_NAME_SHOWN) -> str:
+    """A name taken from a file, cut for a message: its first ``limit`` characters and '…'.
+
+    Tensor names, config keys and patterns come from files a user downloaded; one of 100,000
+    characters must not become a 100,000-character error line."""
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= limit else text[:limit] + "…"
 _TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer", float: "a number",
                bool: "true or false"}
 
@@ -59,7 +70,10 @@ def load_json(text: str | bytes, *, where: str | Path | None = None, what: str =
 def read_json(path: Path, *, what: str | None = None, expect: type | tuple[type, ...] | None = dict) -> Any:
     """:func:`load_json` of a file (read errors other than a missing file become CorruptFileError)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise _corrupt(path, what or path.name, "it is not a regular file")
         if size > MAX_JSON_BYTES:
             raise _corrupt(path, what or path.name, f"it is {size} bytes, more than any config needs")
         data = path.read_bytes()
@@ -83,17 +97,28 @@ def get_field(obj: dict[str, Any], key: str, kind: type[T] | tuple[type, ...], d
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        try:
+            value, ok = float(value), True
+        except OverflowError:  # an integer beyond float range
+            ok = False
     if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False
     if ok and check is not None and not check(value):
         ok = False
     if not ok:
         names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in kinds)
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise _corrupt(where, f"{what} field {key!r}", f"it must be {must or names}, not {shown}")
+        shown = _show_value(value)
+        raise _corrupt(where, f"{what} field {clip(repr(key))}", f"it must be {must or names}, not {shown}")
     return value
+
+
+def _show_value(value: Any) -> str:
+    """repr of a JSON value, bounded in length however big or deep it is."""
+    if isinstance(value, (dict, list)):
+        return f"{_TYPE_NAMES[type(value)]} of {len(value)} item(s)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**20:
+        return "an integer of more than 20 digits"
+    return clip(repr(value), 60)
 
 
 def dump_json(value: Any, *, indent: int | None = None) -> str:

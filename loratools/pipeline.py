@@ -414,7 +414,7 @@ def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, res
     """write → check for one checkpoint; the totals go into ``result``."""
     part, files = write_plan(plan, folder, compute=compute, single_name=single_name, progress=options.progress)
     if options.verify != "none":
-        checked = verify_written(plan, files, fp64=compute.dtype == torch.float64)
+        checked = verify_written(plan, files, fp64=compute.dtype == torch.float64, progress=options.progress)
         if not checked.ok:
             raise VerificationError(
                 f"{plan.operation}: the written output failed verification; nothing was written. " + checked.summary(),

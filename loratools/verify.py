@@ -182,9 +182,13 @@ def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = Fa
     return TensorCheck(t.name, info.dtype, "ok" if torch.equal(load_tensor(info), src) else "FAIL", "identical")
 
 
-def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) -> VerifyReport:
-    """Check files just written for ``plan`` (shard filename → path) tensor by tensor."""
+def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False,
+                   progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
+    """Check files just written for ``plan`` (shard filename → path) tensor by tensor;
+    ``progress`` is told (bytes checked, bytes in all, "verify:<tensor>")."""
     report = VerifyReport()
+    total = plan.total_bytes()
+    done = 0
     for shard in plan.shards:
         header = read_header(files[shard.filename])
         for t in shard.tensors:
@@ -193,6 +197,9 @@ def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False) ->
                 report.checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
             else:
                 report.checks.append(check_tensor(plan, t, info, fp64=fp64))
+            done += t.out_nbytes
+            if progress:
+                progress(done, total, f"verify:{t.name}")
     return report
 
 

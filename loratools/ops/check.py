@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -63,14 +63,15 @@ class RoundTrip:
 
 
 def round_trip(base: str | Path, adapters: Sequence[str | Path], *, weights: Sequence[float] | None = None,
-               layout: str | None = None, device: str = "auto", workdir: str | Path | None = None) -> RoundTrip:
+               layout: str | None = None, device: str = "auto", workdir: str | Path | None = None,
+               progress: Callable[[int, int, str], None] | None = None) -> RoundTrip:
     """merge, unmerge, and report how far BASE came back (ulps, fraction of bit-exact elements);
     then the same with ``--reversible``, which must come back bit for bit, and its size overhead."""
     tmp = Path(tempfile.mkdtemp(prefix="loratools-roundtrip-", dir=workdir))
     try:
         name = "m.safetensors" if Path(base).suffix == ".safetensors" else "m"
         back_name = "b.safetensors" if name.endswith(".safetensors") else "b"
-        opts: dict[str, object] = dict(layout=layout, device=device, verify=False)
+        opts: dict[str, object] = dict(layout=layout, device=device, verify=False, progress=progress)
         merged = merge(base, adapters, tmp / name, weights=weights, reversible=True, **opts)
         unmerge(tmp / name, adapters, tmp / back_name, exact=False, **opts)
         orig, back, mid = open_checkpoint(resolve(base)), open_checkpoint(tmp / back_name), open_checkpoint(tmp / name)

@@ -222,9 +222,28 @@ def write_plan(
             }
             (folder / str(plan.index_name)).write_text(json.dumps(index, indent=2) + "\n")
         for extra in plan.base.extra_files:
-            shutil.copy2(extra, folder / extra.name)
+            if extra.name == "config.json" and plan.output_dtype:
+                write_config_dtype(extra, folder / extra.name, plan.output_dtype)
+            else:
+                shutil.copy2(extra, folder / extra.name)
     result.seconds = time.perf_counter() - start
     return result, files
+
+
+TORCH_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+
+
+def write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
+    """Copy config.json with its dtype set to what was written (``torch_dtype``, and ``dtype`` as
+    transformers 5 names it), so that ``dtype="auto"`` loads the output in its own dtype."""
+    from ..jsonio import dump_json, read_json
+
+    cfg = read_json(src, what="the model config")
+    name = TORCH_NAMES.get(dtype, dtype)
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    dst.write_text(dump_json(cfg, indent=2) + "\n")
 
 
 def check_written(written: list[tuple[Path, list[TensorPlan]]]) -> None:

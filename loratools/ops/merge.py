@@ -95,6 +95,7 @@ def planner(operation: str, options: Options) -> Planner:
         plan.base_model = base_model or (record or {}).get("base_model") or (
             name_or_path if isinstance(name_or_path, str) and parse_repo(name_or_path) else None)
         plan.reversible = options.reversible
+        plan.output_dtype = options.output_dtype
         if undo_in is not None and undo_in.patches and any(a.sign < 0 for a in inputs):
             same_merge = [(e.get("sha256"), e.get("weight")) for e in undo_in.adapters] == [
                 (e.get("sha256"), e.get("weight")) for e in merged_before]

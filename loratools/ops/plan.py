@@ -89,6 +89,7 @@ class Plan:
     reversible: bool = False  # store what exact undo needs
     exact_undo: bool = False  # restore patched tensors bit for bit (all merged adapters taken out)
     base_model: str | None = None  # the base's Hub repo id, when known
+    output_dtype: str | None = None  # --dtype (short name): config.json says so too
 
     def tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors]

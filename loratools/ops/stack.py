@@ -193,7 +193,9 @@ def stack(
     replacements, base_copies = _full_tensors(read, ws)
     modules: dict[str, LoraModule] = {}
     exact: dict[str, torch.Tensor] = {}
-    for target, parts in sorted(targets.items()):
+    for n_done, (target, parts) in enumerate(sorted(targets.items()), start=1):
+        if opts.progress:
+            opts.progress(n_done, len(targets), target)
         first = parts[0][0]
         f, note = _combine(target, parts, method, rank=rank, energy=energy, density=density, seed=seed)
         if method == "cat":
@@ -202,7 +204,7 @@ def stack(
         if any(m.bias is not None for m, _ in parts):
             bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
                        torch.zeros(first.fan_out, dtype=torch.float64))
-        dtype = first.delta.dtype if first.delta.dtype.is_floating_point else torch.float32
+        dtype = opts.torch_output_dtype or (first.delta.dtype if first.delta.dtype.is_floating_point else torch.float32)
         modules[target] = lowrank_module(
             target, f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank), kind=first.kind, transposed=first.transposed,
             shape=first.shape, kernel=first.kernel, bias=None if bias is None else bias.to(dtype),
@@ -242,13 +244,15 @@ def resize(
     a = prepare_adapter(adapter, opts, open_orientation=True)
     result = AdapterResult(out=out, warnings=list(a.warnings))
     modules = {}
-    for target, m in sorted(a.modules.items()):
+    for n_done, (target, m) in enumerate(sorted(a.modules.items()), start=1):
+        if opts.progress:
+            opts.progress(n_done, len(a.modules), target)
         if m.magnitude is not None:
             raise UnsupportedAdapterError(f"DoRA module {target} cannot be resized (its magnitude depends on ΔW).",
                                           tensor=target)
         B, A = _factors(m)
         f = algebra.factorize_lowrank(B, A, rank=rank, energy=energy)
-        dtype = m.delta.dtype
+        dtype = opts.torch_output_dtype or m.delta.dtype
         modules[target] = m.with_(delta=LowRank(f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank)),
                                   bias=None if m.bias is None else m.bias * m.scale)
         result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
@@ -340,7 +344,9 @@ def extract(
         M = D.T if transposed else D.reshape(D.shape[0], -1)
         f = algebra.factorize_dense(M, rank=rank, energy=energy)
         kind = "embedding" if emb else ("conv" if kernel else "linear")
-        modules[name] = lowrank_module(name, f.A.contiguous(), f.B.contiguous(), 1.0, float(f.rank), kind=kind,
+        dtype = opts.torch_output_dtype or torch.float32
+        modules[name] = lowrank_module(name, f.A.to(dtype).contiguous(), f.B.to(dtype).contiguous(), 1.0, float(f.rank),
+                                       kind=kind,
                                        transposed=transposed, shape=tuple(D.shape), kernel=kernel)
         result.modules.append(ModuleReport(name, f.rank, f.relative_error))
     # a module kept whole must be complete (PEFT's modules_to_save loads every parameter of it)
