@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .dtypes import DTYPE_CHOICES
-from .errors import LoraToolsError
+from .errors import AdapterFormatError, AdapterNotFoundError, LoraToolsError
 from .formats import READABLE, WRITABLE
 from .options import LAYOUTS
 
@@ -40,6 +40,14 @@ class LoraToolsGroup(click.Group):
             if ctx.meta.get("loratools.debug"):
                 raise
             raise _Failure(describe_os_error(e)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # a bug: still one message, and the way to the traceback
+            if ctx.meta.get("loratools.debug"):
+                raise
+            raise _Failure(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}\n"
+                           "This is a bug in loratools; please report it with the command you ran and the output "
+                           "of the same command with --debug.") from None
 
 
 # what each errno means for the user: what failed, and what to do (the same shape as every message)
@@ -663,8 +671,6 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
     if base is None and layout is None and scale is None and from_format in (None, "peft"):
         local = Path(resolve(adapter, kind="adapter"))
         if not local.exists():
-            from .errors import AdapterNotFoundError
-
             raise AdapterNotFoundError(f"Adapter not found: {adapter}.", path=adapter)
         data = summarize_fast(local, shown_as=str(adapter))  # no torch
     self_bound = False
@@ -674,7 +680,17 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         from .summary import summarize_adapter
 
         opts = Options.build(layout=layout, from_format=from_format, allow_skip=allow_skip)
-        seen = inspect_adapter(adapter, opts, base=base, scale=scale)
+        try:
+            seen = inspect_adapter(adapter, opts, base=base, scale=scale)
+        except (AdapterFormatError, AdapterNotFoundError) as e:
+            from .summary import describe_model
+
+            model = describe_model(Path(resolve(adapter)), shown_as=str(adapter)) if Path(resolve(adapter)).exists() \
+                else None
+            if model is None:
+                raise e from None
+            _show_model(model, as_json)
+            return
         data = summarize_adapter(seen.adapter, shown_as=str(adapter), base=str(base) if base else None,
                                  unbound=seen.unbound)
         self_bound = bool(seen.adapter.meta.get("base_keys"))
@@ -700,6 +716,26 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         click.echo(f"all {len(rows)} module(s) bind to tensors of {base or adapter} with matching shapes.")
     if any(r["kind"].endswith("(orientation open)") for r in rows):
         click.echo("orientation of raw factors is settled by --base or --layout; ‖ΔW‖ does not depend on it.")
+
+
+def _show_model(model: dict[str, Any], as_json: bool) -> None:
+    """``info`` of a model: what loratools merged into it, from its record."""
+    if as_json:
+        click.echo(json.dumps(model, indent=2))
+        return
+    click.echo(f"{model['path']}: a model, not an adapter — {model['tensors']} tensors, "
+               f"{model['parameters']:,} parameters in {len(model['files'])} file(s).")
+    record = model["merged"]
+    if not record:
+        click.echo("It carries no loratools record: it was not written by loratools.")
+        return
+    adapters = record.get("adapters") or []
+    click.echo(f"Written by {record.get('tool', 'loratools')} ({record.get('operation', '?')}); "
+               f"{len(adapters)} adapter(s) merged into it now:")
+    for a in adapters:
+        click.echo(f"  {a.get('path')}  weight {a.get('weight')}  sha256 {str(a.get('sha256'))[:16]}…")
+    if record.get("base_model"):
+        click.echo(f"base model: {record['base_model']}")
 
 
 def _module_table(rows: list[dict[str, Any]]) -> None:

@@ -141,3 +141,30 @@ def summarize_adapter(a: Adapter, *, shown_as: str, base: str | None, unbound: d
         "warnings": a.warnings,
         "module_list": rows,
     }
+
+
+def describe_model(path: Path, *, shown_as: str) -> dict[str, Any] | None:
+    """``info`` of a model instead of an adapter: its size and, when loratools wrote it, what is
+    merged into it (the provenance record). None when ``path`` is not a model either."""
+    from .checkpoint.reader import open_checkpoint
+    from .ops.undo import RECORD_KEY
+
+    try:
+        ckpt = open_checkpoint(path)
+    except LoraToolsError:
+        return None
+    record = None
+    for shard in ckpt.shards:
+        if shard.header is not None and RECORD_KEY in shard.header.metadata:
+            from .jsonio import load_json
+
+            record = load_json(shard.header.metadata[RECORD_KEY], where=path, what="the loratools record")
+            break
+    return {
+        "path": shown_as,
+        "format": "model",
+        "tensors": len(ckpt.tensors),
+        "parameters": sum(math.prod(t.shape) for t in ckpt.tensors.values()),
+        "files": [s.filename for s in ckpt.shards],
+        "merged": record,
+    }

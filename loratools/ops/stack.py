@@ -348,7 +348,8 @@ def extract(
         modules[name] = lowrank_module(name, f.A.to(dtype).contiguous(), f.B.to(dtype).contiguous(), 1.0, float(f.rank),
                                        kind=kind,
                                        transposed=transposed, shape=tuple(D.shape), kernel=kernel)
-        result.modules.append(ModuleReport(name, f.rank, f.relative_error))
+        result.modules.append(ModuleReport(name, f.rank, f.relative_error,
+                                           "randomized SVD" if f.randomized else ""))
     # a module kept whole must be complete (PEFT's modules_to_save loads every parameter of it)
     lora_modules = {n.removesuffix(".weight") for n in modules}
     for name in list(replacements):
