@@ -177,3 +177,18 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(bases, adapters, tmp_path
     code, text = run("merge", bases["llama"], adapters["all-linear"], out, "--overwrite", "-q")
     assert code == 0 and "interrupted run" in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_cast_that_overflows_is_refused(bases, adapters, tmp_path: Path) -> None:
+    """--dtype fp16 on a bf16 base: an untouched value of 1e5 would become +Inf; nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(bases["llama-bf16"], tmp_path / "base"))
+    f = next(base.glob("*.safetensors"))
+    sd = load_file(f)
+    sd["model.norm.weight"][0] = 1e5
+    save_file({k: v.contiguous() for k, v in sd.items()}, f, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, text = run("merge", base, adapters["all-linear"], out, "--dtype", "fp16")
+    assert code == 1 and "model.norm.weight" in text and "overflows" in text, text
+    assert not out.exists()

@@ -66,6 +66,10 @@ def _blocks_apply(src: torch.Tensor, t: TensorPlan, edits: list[Edit], *, out_dt
     return result
 
 
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise bit equality (so −0.0 ≠ 0.0 and NaN payloads count)."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
@@ -99,8 +103,14 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
     """
     src = plan.base.get(t.name)
     out_dtype = BY_ST[t.out_dtype].torch
-    if not t.ops:
-        return src.to(out_dtype)
+    if not t.ops:  # a cast (--dtype): one rounding, which must not overflow
+        value = src.to(out_dtype)
+        if value.is_floating_point() and not _finite(value) and _finite(src):
+            raise NonFiniteError(
+                f"{plan.operation}: casting {t.name} from {t.source.dtype} to {t.out_dtype} overflows (values beyond "
+                f"{t.out_dtype}'s range become Inf); nothing was written.",
+                tensor=t.name, hint="Choose a wider --dtype (bf16 keeps float32's range), or leave out --dtype.")
+        return value
     if warnings is not None and (note := swamp_warning(t, src)):
         warnings.append(note)
     norms: list[torch.Tensor] = []
