@@ -233,8 +233,10 @@ def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path,
             f"{result.copied} copied unchanged; wrote {gb:.2f} GB to {out} in {result.seconds:.1f} s."
         )
         if result.undo_bytes:
-            click.echo(f"undo data beside it: {result.undo_bytes / 1e6:.2f} MB "
-                       f"({100 * result.undo_bytes / max(1, result.bytes_written):.2f}% of the weights).")
+            where = f".{out.name}.loratools/" if out.suffix == ".safetensors" else f"{out}/.loratools/"
+            click.echo(f"undo data kept in {where} (no loader reads it, push leaves it out): "
+                       f"{result.undo_bytes / 1e6:.2f} MB ({100 * result.undo_bytes / max(1, result.bytes_written):.2f}% "
+                       "of the weights), for " + "; ".join(result.undo_reasons) + ".")
         if result.verify is not None:
             click.echo(result.verify.summary())
 
@@ -338,6 +340,7 @@ def _result_json(result: Any) -> dict[str, Any]:
                           for p in plans.values() for a in p.adapters}.values()),
         "warnings": result.warnings,
         "seconds": result.seconds,
+        "undo": {"bytes": result.undo_bytes, "reasons": result.undo_reasons} if result.undo_bytes else None,
     }
     if result.verify is not None:
         out["verify"] = {
@@ -568,13 +571,15 @@ def verify(base: Path, paths: tuple[Path, ...], weights: tuple[float, ...], layo
 @click.option("--base-model", default=None, help="The card's base_model (a Hub repo id; default: from the files' "
               "provenance or adapter_config.json).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--include-undo", is_flag=True,
+              help="Also upload loratools' undo data (.loratools/), which unmerge needs; left out by default.")
 @click.option("--revision", default=None, help="Branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--message", "-m", default=None, help="Commit message.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 def push(path: Path, repo_id: str, base_model: str | None, private: bool, revision: str | None, create_pr: bool,
-         message: str | None, as_json: bool, quiet: bool) -> None:
+         message: str | None, as_json: bool, quiet: bool, include_undo: bool) -> None:
     """Upload a folder (a merged model or an adapter) to the Hub as one commit.
 
     The repo is created if needed; remote weight shards and indexes the folder no longer has are
@@ -585,7 +590,7 @@ def push(path: Path, repo_id: str, base_model: str | None, private: bool, revisi
     from .hub import push as do_push
 
     result = do_push(path, repo_id, base_model=base_model, private=private, revision=revision, create_pr=create_pr,
-                     message=message)
+                     message=message, include_undo=include_undo)
     _warn(result.notes)
     where = result.pr_url or result.commit_url
     if as_json:

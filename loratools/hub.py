@@ -258,8 +258,10 @@ def push(
     revision: str | None = None,
     create_pr: bool = False,
     message: str | None = None,
+    include_undo: bool = False,
 ) -> PushResult:
-    """Upload ``folder`` to ``repo_id`` as one commit, with its model card."""
+    """Upload ``folder`` to ``repo_id`` as one commit, with its model card. loratools' own undo
+    data (``.loratools/``) stays local unless ``include_undo``."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
@@ -275,8 +277,14 @@ def push(
         raise InvalidArgumentError(
             f"{folder} holds model weights and an adapter_config.json: the Hub and transformers would load it as an "
             "adapter, not as the merged model.", hint="Remove adapter_config.json from the merged model's folder.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                          p.relative_to(folder).parts))
+    def wanted(p: Path) -> bool:
+        parts = p.relative_to(folder).parts
+        if include_undo and parts[0] == ".loratools":
+            return True
+        return not any(part.startswith(".") for part in parts) and (
+            include_undo or not p.name.endswith("loratools_undo.safetensors"))
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and wanted(p))
     api = HfApi()
     result = PushResult(repo_id=repo_id, commit_url=None)
     try:
@@ -313,7 +321,8 @@ def push(
                                 "several commits")
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
                                      commit_message=msg, delete_patterns=[*WEIGHT_PATTERNS, "*.index.json"],
-                                     ignore_patterns=["README.md"])
+                                     ignore_patterns=["README.md"] + ([] if include_undo else [
+                                         ".loratools/**", "**/.loratools/**", "*loratools_undo.safetensors"]))
             info = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id,
                                    revision=revision, commit_message=f"{msg}: model card")
             result.commit_url = str(getattr(info, "commit_url", info))

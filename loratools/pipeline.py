@@ -37,7 +37,7 @@ from .layout import bind
 from .ops.edits import Compute
 from .ops.execute import Result, write_plan
 from .ops.plan import AdapterInput, Plan, file_sha256
-from .ops.undo import RECORD_KEY, undo_name
+from .ops.undo import RECORD_KEY, legacy_undo, undo_dir
 from .options import LAYOUTS, Options
 from .verify import VerifyReport, verify_written
 
@@ -401,7 +401,7 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
         result.verify = report if options.verify != "none" else None
         return result
 
-    stale = [out.parent / undo_name(out, True)] if single_file else []
+    stale = [undo_dir(out, True), legacy_undo(out, True)] if single_file else []
     notes: list[str] = []
     result = commit(out, options, write=write, single_file=single_file, stale=stale, notes=notes)
     result.out = out
@@ -425,6 +425,7 @@ def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, res
     result.copied += part.copied
     result.bytes_written += part.bytes_written
     result.undo_bytes += part.undo_bytes
+    result.undo_reasons += [r for r in part.undo_reasons if r not in result.undo_reasons]
     result.warnings += part.warnings
     result.seconds += part.seconds
 

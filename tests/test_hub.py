@@ -220,3 +220,15 @@ def test_very_large_folders_fall_back_to_upload_folder_and_say_so(hub, bases, tm
     files = hub.files("me/large")
     assert all(files[p.name] == p.read_bytes() for p in bases["llama"].iterdir())
     assert card_metadata(hub, "me/large")["library_name"] == "transformers"
+
+
+def test_undo_data_stays_local_unless_asked(hub, bases, adapters, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    assert cli(hub, "merge", bases["llama"], adapters["dora"], out, "-q").returncode == 0
+    assert (out / ".loratools" / "undo.safetensors").is_file()
+    proc = cli(hub, "push", out, "me/dora-merged")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(".loratools" in n or "undo" in n for n in hub.files("me/dora-merged"))
+    proc = cli(hub, "push", out, "me/dora-merged-undo", "--include-undo")
+    assert proc.returncode == 0, proc.stderr
+    assert ".loratools/undo.safetensors" in hub.files("me/dora-merged-undo")

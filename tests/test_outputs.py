@@ -28,9 +28,10 @@ def test_single_file_base_to_single_file_and_to_folder(bases, adapters, tmp_path
 def test_single_model_safetensors_folder_bf16(bases, adapters, tmp_path: Path) -> None:
     base = bases["llama-bf16"]
     loratools.merge(base, [adapters["dora"]], tmp_path / "m", device="cpu")
-    # a DoRA merge keeps its row norms beside the weights, so that it can be taken out again
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
-        [p.name for p in base.iterdir()] + ["loratools_undo.safetensors"])
+    # a DoRA merge keeps its row norms, so that it can be taken out again — where no loader looks:
+    # the root holds exactly the base's files
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([p.name for p in base.iterdir()] + [".loratools"])
+    assert [p.name for p in (tmp_path / "m" / ".loratools").iterdir()] == ["undo.safetensors"]
     oracle = models.peft_merged_state_dict(base, [adapters["dora"]], dtype=torch.float32)
     for k, v in read_tensors(tmp_path / "m").items():
         assert v.dtype == torch.bfloat16

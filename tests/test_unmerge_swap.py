@@ -35,7 +35,7 @@ def test_fp32_round_trip_within_1e6(name: str, bases, adapters, tmp_path: Path) 
     for k, w in original.items():
         scale = float(w.abs().max())
         assert float((back[k] - w).abs().max()) <= 1e-6 * scale * 4, k  # a few fp32 roundings of the largest value
-    assert not (tmp_path / "u" / "loratools_undo.safetensors").exists()
+    assert not (tmp_path / "u" / ".loratools").exists()
 
 
 def test_bf16_round_trip_within_one_ulp(bases, adapters, tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_unmerge_of_a_model_merged_elsewhere_warns(bases, adapters, tmp_path: Pa
 def test_dora_unmerge_needs_the_stored_norms(bases, adapters, tmp_path: Path) -> None:
     loratools.merge(bases["llama"], [adapters["dora"]], tmp_path / "m", device="cpu")
     shutil.copytree(tmp_path / "m", tmp_path / "m2")
-    (tmp_path / "m2" / "loratools_undo.safetensors").unlink()
+    shutil.rmtree(tmp_path / "m2" / ".loratools")
     code, text = run("unmerge", tmp_path / "m2", adapters["dora"], tmp_path / "u")
     assert code == 1 and "row norms" in text and not (tmp_path / "u").exists()
 
@@ -184,7 +184,17 @@ def test_dora_unmerge_needs_the_stored_norms(bases, adapters, tmp_path: Path) ->
 def test_single_file_reversible_keeps_undo_beside(bases, adapters, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     loratools.merge(bases["conv"], [adapters["conv"]], out, device="cpu", reversible=True)
-    assert (tmp_path / "m.loratools_undo.safetensors").exists()
+    assert (tmp_path / ".m.safetensors.loratools" / "undo.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["m.safetensors"]
     loratools.unmerge(out, [adapters["conv"]], tmp_path / "u.safetensors", device="cpu")
     original, back = read_tensors(bases["conv"]), read_tensors(tmp_path / "u.safetensors")
     assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_undo_data_of_earlier_versions_is_still_read(bases, adapters, tmp_path: Path) -> None:
+    """Merges written before the undo data moved into .loratools/ kept it beside the shards."""
+    loratools.merge(bases["llama"], [adapters["dora"]], tmp_path / "m", device="cpu")
+    (tmp_path / "m" / ".loratools" / "undo.safetensors").rename(tmp_path / "m" / "loratools_undo.safetensors")
+    (tmp_path / "m" / ".loratools").rmdir()
+    result = loratools.unmerge(tmp_path / "m", [adapters["dora"]], tmp_path / "u", device="cpu")
+    assert result.verify.ok

@@ -244,11 +244,14 @@ class AtomicOutput:
             # companions written beside a single-file output (its undo data) replace their old selves
             moved = set()
             for extra in list(self.tmp.iterdir()):
-                os.replace(extra, self.out.parent / extra.name)
+                target = self.out.parent / extra.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(extra, target)
                 moved.add(extra.name)
             for stale in self.stale:
-                if stale.name not in moved and stale.exists():
-                    stale.unlink()
+                if stale.name not in moved and (stale.exists() or stale.is_symlink()):
+                    shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)

@@ -23,7 +23,7 @@ from ..dtypes import BY_ST
 from ..errors import InternalError, NonFiniteError, VerificationError
 from .edits import AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
 from .plan import Plan, TensorPlan, UndoData
-from .undo import RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_name
+from .undo import UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_dir
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,7 +40,8 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     plan: Plan | None = None
     verify: Any = None  # a verify.VerifyReport when the output was verified
-    undo_bytes: int = 0  # size of loratools_undo.safetensors written beside the output
+    undo_bytes: int = 0  # size of the undo data kept with the output (.loratools/undo.safetensors)
+    undo_reasons: list[str] = field(default_factory=list)  # why it was kept
     plans: dict[str, Plan] | None = None  # a diffusers pipeline: one plan per component
 
 
@@ -175,7 +176,8 @@ def write_plan(
     meta_extra = provenance(plan)
     undo_out = UndoData(adapters=plan.merged_after)
     folder.mkdir(parents=True, exist_ok=True)
-    spill = UndoSpill(folder / ".loratools-undo-parts")
+    own = undo_dir(folder / single_name, True) if single_name else undo_dir(folder, False)
+    spill = UndoSpill(own / "parts")
     written: list[tuple[Path, list[TensorPlan]]] = []
     files: dict[str, Path] = {}
     for shard in plan.shards:
@@ -222,8 +224,10 @@ def write_plan(
             if name not in result.changed:
                 undo_out.originals[name] = original
         spill.add(undo_out)
-    undo_file = folder / (undo_name(Path(single_name), True) if single_name else undo_name(folder, False))
-    result.undo_bytes = spill.finish(undo_file, plan.merged_after)
+    result.undo_bytes = spill.finish(own / UNDO_NAME, plan.merged_after)
+    result.undo_reasons = spill.reasons()
+    if own.is_dir() and not any(own.iterdir()):
+        own.rmdir()
     if single_name is None:
         if plan.sharded:
             index = {

@@ -4,7 +4,11 @@ Every output shard carries a ``loratools`` metadata record: the operation and th
 into that checkpoint now (path, format, sha256 of the weight files, weight, base model). unmerge
 and swap read it to refuse adapters that were never merged.
 
-``loratools_undo.safetensors`` sits beside a merge's shards when it is needed:
+Undo data lives where no loader looks — ``OUT/.loratools/undo.safetensors`` for a folder,
+``.<name>.loratools/undo.safetensors`` beside a single-file OUT (vLLM loads every root
+``*.safetensors``, llama.cpp and MLX glob ``model*``/``*.safetensors``: a hidden folder is seen by
+none of them, and ``push`` leaves it out unless asked). Merges written by earlier versions kept
+it as ``loratools_undo.safetensors`` beside the shards; it is still read from there. It holds:
 
 * ``norm::<tensor>``: DoRA's ‖W+ΔW‖ per output (float32) — DoRA cannot be taken out without it;
 * ``original::<tensor>``: a tensor an adapter replaced whole (``modules_to_save``);
@@ -71,21 +75,31 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
-def undo_name(out: Path, single_file: bool) -> str:
-    """``loratools_undo.safetensors`` inside a folder output, ``<stem>.loratools_undo.safetensors``
-    beside a single-file one."""
-    return f"{out.stem}.{UNDO_FILE}" if single_file else UNDO_FILE
+UNDO_DIR = ".loratools"
+UNDO_NAME = "undo.safetensors"
 
 
-def undo_path(ckpt: Checkpoint) -> Path:
-    if ckpt.is_file:
-        return ckpt.path.parent / undo_name(ckpt.path, True)
-    return ckpt.path / UNDO_FILE
+def undo_dir(out: Path, single_file: bool) -> Path:
+    """Where loratools keeps its own data for output ``out``: ``OUT/.loratools`` for a folder,
+    ``.<name>.loratools`` beside a single file."""
+    return out.parent / f".{out.name}{UNDO_DIR}" if single_file else out / UNDO_DIR
+
+
+def legacy_undo(out: Path, single_file: bool) -> Path:
+    """Where versions before the redesign put it (read, and removed when OUT is replaced)."""
+    return out.parent / f"{out.stem}.{UNDO_FILE}" if single_file else out / UNDO_FILE
+
+
+def undo_path(ckpt: Checkpoint) -> Path | None:
+    for p in (undo_dir(ckpt.path, ckpt.is_file) / UNDO_NAME, legacy_undo(ckpt.path, ckpt.is_file)):
+        if p.is_file():
+            return p
+    return None
 
 
 def read_undo(ckpt: Checkpoint) -> UndoData | None:
     path = undo_path(ckpt)
-    if not path.is_file():
+    if path is None:
         return None
     header = read_header(path)
     meta = load_json(header.metadata.get(RECORD_KEY, "{}"), where=path, what="the undo record")
@@ -128,17 +142,21 @@ class UndoSpill:
         self.folder = folder
         self.parts: list[Path] = []
         self.sha256: dict[str, str] = {}
+        self.counts = {"norm": 0, "original": 0, "patch": 0}  # what was kept, for the summary
 
     def add(self, undo: UndoData) -> None:
         """Move what ``undo`` holds to disk and empty it (its sha256 entries are kept here)."""
         self.sha256.update(undo.sha256)
+        self.counts["norm"] += len(undo.norms)
+        self.counts["original"] += len(undo.originals)
+        self.counts["patch"] += len(undo.patches)
         tensors = undo_tensors(undo)
         undo.norms.clear()
         undo.originals.clear()
         undo.patches.clear()
         undo.sha256.clear()
         if tensors:
-            self.folder.mkdir(exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
             part = self.folder / f"part-{len(self.parts):06d}.safetensors"
             save_tensors(part, tensors)
             self.parts.append(part)
@@ -163,3 +181,16 @@ class UndoSpill:
             p.unlink()
         self.folder.rmdir()
         return path.stat().st_size
+
+    def reasons(self) -> list[str]:
+        """Why undo data was kept, in words for the summary."""
+        why = []
+        if self.counts["patch"]:
+            why.append(f"--reversible: the values rounding would not give back ({self.counts['patch']} tensor(s))")
+        if self.counts["norm"]:
+            why.append(f"DoRA: the row norms without which the DoRA merge cannot be undone ({self.counts['norm']} "
+                       "tensor(s))")
+        if self.counts["original"]:
+            why.append(f"tensors replaced whole (modules_to_save): the originals, without which they cannot be "
+                       f"restored ({self.counts['original']})")
+        return why
