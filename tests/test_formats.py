@@ -405,6 +405,18 @@ def test_convert_for_vllm_and_tgi(bases, adapters, tmp_path: Path) -> None:
     assert float(t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max()) == 0
 
 
+def test_convert_for_vllm_keeps_embedding_lora(bases, adapters, tmp_path: Path) -> None:
+    """PEFT's unchanged copy of the base embedding (base_layer) is no part of the adapter and vLLM
+    skips it: it is left out, the embedding LoRA kept; PEFT merges the result to the same model."""
+    code, text = run("convert", adapters["embedding"], tmp_path / "v", "--to", "peft", "--for", "vllm")
+    assert code == 0 and "left out PEFT's copy" in text, text
+    sd = load_file(str(tmp_path / "v" / "adapter_model.safetensors"))
+    assert any("lora_embedding_A" in k for k in sd) and not any("base_layer" in k for k in sd)
+    oracle = models.peft_merged_state_dict(bases["llama"], [adapters["embedding"]])
+    for k, v in models.peft_merged_state_dict(bases["llama"], [tmp_path / "v"]).items():
+        assert_close_fp32(v, oracle[k], k)
+
+
 # --- diffusers pipeline folders -----------------------------------------------------------------------
 
 

@@ -58,14 +58,16 @@ def convert(
     a = prepare_adapter(adapter, opts, base=base, scale=scale)
     notes: list[str] = []
     copies = [n for n in a.meta.get("base_copies", ()) if n in a.replacements]
-    if copies and to != "peft":
-        # PEFT saves the base's embedding beside an embedding LoRA; it carries nothing of the adapter
+    if copies and (to != "peft" or server is not None):
+        # PEFT saves the base's embedding beside an embedding LoRA; it carries nothing of the adapter (and
+        # vLLM / TGI skip it)
         a = replace(a, replacements={n: t for n, t in a.replacements.items() if n not in copies})
         notes.append(f"left out PEFT's copy of the base tensor(s) {', '.join(copies)}: they hold no change")
     if server is not None:
         if to != "peft":
             raise InvalidArgumentError("--for shapes PEFT adapters for a server: use it with --to peft.")
-        a, notes = for_server(a, server, max_rank=max_rank)
+        a, server_notes = for_server(a, server, max_rank=max_rank)
+        notes += server_notes
     target_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if target_dtype is not None:
         a = replace(a, modules={n: m.with_(delta=m.delta.map(lambda t: t.to(target_dtype))) for n, m in a.modules.items()},
