@@ -641,9 +641,13 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
     """
     from .ops.convert import convert as do_convert
 
-    result = do_convert(adapter, out, to=to, base=base, layout=layout, dtype=dtype, scale=scale,
-                        overwrite=overwrite, verify=verify, server=server, max_rank=max_rank,
-                        from_format=from_format, allow_skip=allow_skip)
+    bar, close = _progress(quiet or as_json, "converting")
+    try:
+        result = do_convert(adapter, out, to=to, base=base, layout=layout, dtype=dtype, scale=scale,
+                            overwrite=overwrite, verify=verify, server=server, max_rank=max_rank,
+                            from_format=from_format, allow_skip=allow_skip, progress=bar)
+    finally:
+        close()
     _warn(result.warnings)
     if as_json:
         click.echo(json.dumps({"out": str(out), "format": result.format, "modules": result.modules,

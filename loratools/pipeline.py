@@ -433,13 +433,15 @@ def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, res
 # --- adapter outputs ---------------------------------------------------------------------------------------------
 
 
-def max_delta_error(a: Adapter, b: Adapter) -> float:
+def max_delta_error(a: Adapter, b: Adapter, progress: Any = None) -> float:
     """The largest relative difference between the two adapters' ΔW, module by module (float64)."""
     if set(a.modules) != set(b.modules):
         missing = sorted(set(a.modules) ^ set(b.modules))
         raise VerificationError(f"The written adapter's modules differ from the input's: {', '.join(missing[:6])}.")
     worst = 0.0
-    for name, m in a.modules.items():
+    for i, (name, m) in enumerate(a.modules.items(), start=1):
+        if progress:
+            progress(i, len(a.modules), f"verify:{name}")
         x = delta(m, dtype=torch.float64)
         y = delta(b.modules[name].with_(shape=m.shape, transposed=m.transposed), dtype=torch.float64)
         denom = float(x.abs().max()) or 1.0
@@ -483,7 +485,7 @@ def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *,
             return 0.0
         back = module.read(tmp, **ctx)
         if expected is None:
-            err = max_delta_error(adapter, back)
+            err = max_delta_error(adapter, back, options.progress)
             factor_dtype = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
                                  if t.is_floating_point()), torch.float32)
             limit = tolerance if tolerance is not None else 2 * torch.finfo(factor_dtype).eps
