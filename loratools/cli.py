@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .dtypes import DTYPE_CHOICES
-from .errors import AdapterFormatError, AdapterNotFoundError, LoraToolsError
+from .errors import AdapterNotFoundError, LoraToolsError, NotAnAdapterError
 from .formats import READABLE, WRITABLE
 from .options import LAYOUTS
 
@@ -691,7 +691,9 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         opts = Options.build(layout=layout, from_format=from_format, allow_skip=allow_skip)
         try:
             seen = inspect_adapter(adapter, opts, base=base, scale=scale)
-        except (AdapterFormatError, AdapterNotFoundError) as e:
+        except (NotAnAdapterError, AdapterNotFoundError) as e:  # not an adapter at all: a model, perhaps
+            if from_format is not None:
+                raise
             from .summary import describe_model
 
             model = describe_model(Path(resolve(adapter)), shown_as=str(adapter)) if Path(resolve(adapter)).exists() \

@@ -169,8 +169,11 @@ class LowRank(Delta):
         return self.B.double() * float(self.scale), self.A.double()
 
     def norm(self) -> float:
-        """‖s·B@A‖_F = |s|·sqrt(Σ (BᵀB) ⊙ (AAᵀ)), from r×r matrices: ΔW is never formed."""
+        """‖s·B@A‖_F = |s|·sqrt(Σ (BᵀB) ⊙ (AAᵀ)) from r×r matrices — or from the product itself when
+        that is smaller (r² > out·in): neither is ever larger than the factors justify."""
         A, B = self.A.double(), self.B.double()
+        if self.rank ** 2 > self.out_features * self.in_features:
+            return abs(float(self.scale)) * float(torch.linalg.vector_norm(B @ A))
         return abs(float(self.scale)) * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0.0).sqrt())
 
     def describe(self) -> dict[str, Any]:

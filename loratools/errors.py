@@ -8,6 +8,7 @@ so ``except FileNotFoundError`` keeps working for callers who do not know lorato
     ├── CheckpointNotFoundError     (FileNotFoundError)  a base / merged checkpoint is missing
     ├── CorruptFileError            (ValueError)         truncated or malformed safetensors / JSON / pickle
     ├── AdapterFormatError          (ValueError)         not an adapter we can read, or keys left over
+    │   └── NotAnAdapterError                            no format recognises the path at all
     ├── UnsupportedAdapterError     (ValueError)         a real adapter whose math is not a plain delta
     ├── ShapeMismatchError          (ValueError)         factors that do not fit their base tensor
     ├── UnboundModuleError          (LookupError)        an adapter module with no tensor in the base
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptFileError",
     "AdapterFormatError",
+    "NotAnAdapterError",
     "UnsupportedAdapterError",
     "ShapeMismatchError",
     "UnboundModuleError",
@@ -91,6 +93,10 @@ class CorruptFileError(LoraToolsError, ValueError):
 
 class AdapterFormatError(LoraToolsError, ValueError):
     pass
+
+
+class NotAnAdapterError(AdapterFormatError):
+    """No format recognises the path (as opposed to a recognised adapter that is broken)."""
 
 
 class UnsupportedAdapterError(LoraToolsError, ValueError):

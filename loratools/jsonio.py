@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .errors import CorruptFileError
 
-__all__ = ["load_json", "read_json", "get_field", "dump_json", "clip", "MAX_NAME_SHOWN"]
+__all__ = ["load_json", "read_json", "get_field", "dump_json", "clip", "MAX_NAME_SHOWN", "SourcedDict", "source_of"]
 
 T = TypeVar("T")
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -34,6 +34,18 @@ def clip(text: object, limit: int = MAX_NAME_SHOWN) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 _TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer", float: "a number",
                bool: "true or false"}
+
+
+class SourcedDict(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers the file it was read from, so that a check made far from the
+    reading (a GGUF writer reading the base's head counts) can still name the file."""
+
+    source: Path | None = None
+
+
+def source_of(obj: object, default: str | Path | None = None) -> str | Path | None:
+    """The file a :class:`SourcedDict` came from (``default`` for any other object)."""
+    return getattr(obj, "source", None) or default
 
 
 def _corrupt(where: str | Path | None, what: str, why: str) -> CorruptFileError:

@@ -11,13 +11,15 @@ Orientation is settled here, once (DESIGN.md "Layouts and orientation"):
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from .adapter import Adapter, LoraModule
 from .errors import LayoutAmbiguousError, ShapeMismatchError, UnboundModuleError
+from .jsonio import clip
 from .options import LAYOUTS
 
 __all__ = ["LAYOUTS", "bind", "resolve_name", "split_key", "PAIRS", "DOWN_NAMES", "is_conv1d_target"]
@@ -64,39 +66,85 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def resolve_name(target: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+class SuffixFinder:
+    """Names that end with a given suffix, found by binary search over the reversed names: binding
+    M modules to N tensors costs O((N + M) log N), not O(N·M) (an adapter of 100,000 modules that
+    do not match their base by name would otherwise take hours)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = names
+        self._sorted: list[str] | None = None  # built on first use: most targets match exactly
+        self._longest: int | None = None
+
+    @property
+    def _reversed(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(n[::-1] for n in self._names)
+        return self._sorted
+
+    @property
+    def longest(self) -> int:
+        """The length of the longest name."""
+        if self._longest is None:
+            self._longest = max((len(r) for r in self._reversed), default=0)
+        return self._longest
+
+    def ending(self, suffix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` names ending in ``suffix``."""
+        key = suffix[::-1]
+        i = bisect.bisect_left(self._reversed, key)
+        found = []
+        while i < len(self._reversed) and len(found) < limit and self._reversed[i].startswith(key):
+            found.append(self._reversed[i][::-1])
+            i += 1
+        return found
+
+
+def resolve_name(target: str, shapes: Mapping[str, tuple[int, ...]], finder: SuffixFinder | None = None) -> str | None:
     """The base tensor a target names: itself, else the one base name ending in ``.target``.
 
     A suffix that fits several base tensors is ambiguous and binds nothing.
     """
     if target in shapes:
         return target
-    hits = [n for n in shapes if n.endswith("." + target)]
+    finder = finder or SuffixFinder(shapes)
+    hits = finder.ending("." + target)
     if len(hits) == 1:
         return hits[0]
-    # an adapter made on the full model (``model.x``) applied to a bare backbone (``x``)
-    parts = target.split(".")
-    for i in range(1, len(parts)):
-        tail = ".".join(parts[i:])
-        if tail in shapes:
-            return tail
+    # an adapter made on the full model (``model.x``) applied to a bare backbone (``x``): the tails of
+    # the target, shortest last; none longer than the longest base name can match
+    i = target.find(".")
+    longest = finder.longest if i >= 0 else 0
+    while i >= 0:
+        if len(target) - i - 1 <= longest and target[i + 1:] in shapes:
+            return target[i + 1:]
+        i = target.find(".", i + 1)
     return None
 
 
-def sibling_target(m: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+def children_index(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """Every ``.weight`` by its grandparent: ``a.b`` → [``a.b.q_proj.weight``, …] (``""`` for top level)."""
+    index: dict[str, list[str]] = {}
+    for n in shapes:
+        if n.endswith(".weight"):
+            head, _, _ = n.removesuffix(".weight").rpartition(".")
+            index.setdefault(head, []).append(n)
+    return index
+
+
+def sibling_target(m: LoraModule, shapes: Mapping[str, tuple[int, ...]], where: str = "",
+                   children: dict[str, list[str]] | None = None) -> str | None:
     """For factors that are submodules of a parent (``attn.lora_A.weight`` beside ``attn.q_proj.weight``):
     the one weight among the parent's direct children whose shape fits the factors."""
     parent = m.target.removesuffix(".weight")
-    depth = parent.count(".") + 2 if parent else 1
-    fits = [
-        n for n, s in shapes.items()
-        if n.endswith(".weight") and (n.startswith(parent + ".") if parent else True) and n.count(".") == depth
-        and tuple(s) in (m.storage_shape(False), m.storage_shape(True))
-    ]
+    children = children if children is not None else children_index(shapes)
+    fits = [n for n in children.get(parent, [])
+            if tuple(shapes[n]) in (m.storage_shape(False), m.storage_shape(True))]
     if len(fits) > 1:
         raise LayoutAmbiguousError(
-            f"LoRA factors {', '.join(m.source_keys)} fit several weights of {parent or 'the model'}: "
-            f"{', '.join(sorted(fits))}; loratools will not guess which one they belong to.",
+            f"{where}LoRA factors {', '.join(clip(k) for k in m.source_keys)} fit several weights of "
+            f"{clip(parent) or 'the model'}: {', '.join(clip(f) for f in sorted(fits)[:6])}; loratools will not guess "
+            "which one they belong to.",
             tensor=m.target,
             hint="Rename the factors to sit under the module they adapt (e.g. q_proj.lora_A.weight).",
         )
@@ -106,7 +154,7 @@ def sibling_target(m: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> str 
 def is_conv1d_target(name: str, base_config: ConfigSource) -> bool:
     model_type = config_for(base_config, name).get("model_type")
     module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-    return model_type in CONV1D_ARCHS and module in CONV1D_MODULES
+    return isinstance(model_type, str) and model_type in CONV1D_ARCHS and module in CONV1D_MODULES
 
 
 # where each diffusers component's tensors live in the checkpoints kohya files are applied to
@@ -128,24 +176,32 @@ def flat_index(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
     return index
 
 
-def resolve_flat(target: str, index: dict[str, list[str]]) -> str | None:
+def resolve_flat(target: str, index: dict[str, list[str]], where: str = "",
+                 finder: SuffixFinder | None = None) -> str | None:
     """The base weight a flattened kohya name denotes: the flattened base name equal to it, or
     ending in '_' + it (a checkpoint with a component prefix); among several, the one in the
     module's component. Never a guess: more than one candidate raises."""
     component, _, flat = target.rpartition(":")
     hits = list(index.get(flat, []))
     if not hits:
-        hits = [n for f, names in index.items() if f.endswith("_" + flat) for n in names]
+        finder = finder or SuffixFinder(index)
+        hits = [n for f in finder.ending("_" + flat, limit=64) for n in index[f]]
     if len(hits) > 1 and component:
         inside = [n for n in hits if n.startswith(COMPONENT_PREFIXES.get(component, ()))]
         hits = inside or hits
     if len(hits) > 1:
         raise LayoutAmbiguousError(
-            f"The kohya name {flat} fits several base tensors: {', '.join(sorted(hits)[:4])}.",
+            f"{where}the kohya name {clip(flat)} fits several base tensors: "
+            f"{', '.join(clip(h) for h in sorted(hits)[:4])}.",
             tensor=target,
             hint="Pass the component's own checkpoint (the UNet, or one text encoder) as BASE.",
         )
     return hits[0] if hits else None
+
+
+def _where(adapter: Adapter) -> str:
+    """How a message names the adapter: its path (messages also name the module and tensor)."""
+    return f"{adapter.path}: " if adapter.path is not None else ""
 
 
 def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
@@ -158,28 +214,29 @@ def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     return m
 
 
-def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None) -> bool | None:
+def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None, where: str = "",
+            in_base: str = "") -> bool | None:
     """True/False when the module fits ``shape`` in one orientation; None when both fit (square)."""
     if m.kind == "conv":
         fits = shape == m.storage_shape(False)
-        return False if fits else _mismatch(m, shape)
+        return False if fits else _mismatch(m, shape, where, in_base)
     normal, trans = m.storage_shape(False), m.storage_shape(True)
     if m.transposed is not None:  # declared by the format
         if shape == m.storage_shape(m.transposed):
             return m.transposed
         if default is None and shape == m.storage_shape(not m.transposed):
             return not m.transposed
-        return _mismatch(m, shape)
+        return _mismatch(m, shape, where, in_base)
     if shape == normal and shape == trans:
         return default
     if shape == normal:
         return False
     if shape == trans:
         return True
-    return _mismatch(m, shape)
+    return _mismatch(m, shape, where, in_base)
 
 
-def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
+def _mismatch(m: LoraModule, shape: tuple[int, ...], where: str = "", in_base: str = "") -> bool:
     extra = ""
     if m.kind == "conv" and len(shape) == len(m.storage_shape(False)) and shape[0] == m.fan_out:
         groups = m.fan_in // max(1, math.prod(m.kernel)) // max(1, shape[1])
@@ -188,8 +245,8 @@ def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
     factors = ", ".join(f"{role} {tuple(t.shape)}" for role, t in m.delta.tensors().items())
     rank = f", rank {m.rank}" if m.rank is not None else ""
     raise ShapeMismatchError(
-        f"Adapter module {m.target} ({factors}{rank}) does not fit "
-        f"base tensor {m.target} of shape {tuple(shape)}: it needs {m.storage_shape(bool(m.transposed))}{extra}.",
+        f"{where}adapter module {clip(m.target)} ({factors}{rank}) does not fit "
+        f"base tensor {clip(m.target)}{in_base} of shape {tuple(shape)}: it needs {m.storage_shape(bool(m.transposed))}{extra}.",
         tensor=m.target,
         expected=m.storage_shape(bool(m.transposed)),
         actual=tuple(shape),
@@ -197,14 +254,15 @@ def _mismatch(m: LoraModule, shape: tuple[int, ...]) -> bool:
     )
 
 
-def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
+def _normalize(m: LoraModule, layout: str | None, where: str = "") -> LoraModule:
     """Raw factor pairs: the base is a plain (out, in) weight, so a transposed product means the
     factors were stored transposed: keep ΔW, store A (r, in) and B (out, r) like every other format."""
     if layout == "linear-ab":
         second = split_key(m.source_keys[1]) if len(m.source_keys) > 1 else None
         if m.transposed or second is None or second[1] not in DOWN_NAMES:
             raise LayoutAmbiguousError(
-                f"--layout linear-ab says ΔW = B @ A with A (r, in), but {', '.join(m.source_keys)} do not fit that: "
+                f"{where}--layout linear-ab says ΔW = B @ A with A (r, in), but "
+                f"{', '.join(clip(k) for k in m.source_keys)} do not fit that: "
                 f"ΔW would be {'(first @ second)ᵀ' if m.transposed else 'first @ second'} with the factors named "
                 "the other way round.",
                 tensor=m.target,
@@ -216,28 +274,28 @@ def _normalize(m: LoraModule, layout: str | None) -> LoraModule:
                    source_keys=tuple(reversed(m.source_keys)))
 
 
-def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]], where: str = "") -> str | None:
     """A module's lora_bias target and DoRA magnitude must fit the base; returns the bias target."""
     bias_target = m.bias_target
     if m.bias is not None:
         bias_target = name.removesuffix(".weight") + ".bias"
         if bias_target not in shapes:
             raise UnboundModuleError(
-                f"Adapter module {m.target} carries a LoRA bias (lora_bias) but the base has no "
-                f"{bias_target} to merge it into.",
+                f"{where}adapter module {clip(m.target)} carries a LoRA bias (lora_bias) but the base has no "
+                f"{clip(bias_target)} to merge it into.",
                 tensor=bias_target,
                 hint="PEFT refuses this merge too: the base layer has no bias.",
             )
         if tuple(shapes[bias_target]) != (m.fan_out,):
             raise ShapeMismatchError(
-                f"LoRA bias of {m.target} has {m.fan_out} values, base {bias_target} has shape "
+                f"{where}the LoRA bias of {clip(m.target)} has {m.fan_out} values, base {clip(bias_target)} has shape "
                 f"{tuple(shapes[bias_target])}.",
                 tensor=bias_target,
             )
     along = m.fan_in if m.dora_per_input else m.fan_out
     if m.magnitude is not None and m.magnitude.numel() != along:
         raise ShapeMismatchError(
-            f"DoRA magnitude of {m.target} has {m.magnitude.numel()} values for {along} "
+            f"{where}the DoRA magnitude of {clip(m.target)} has {m.magnitude.numel()} values for {along} "
             f"{'inputs' if m.dora_per_input else 'outputs'}.",
             tensor=m.target,
         )
@@ -245,10 +303,13 @@ def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]
 
 
 def _target_of(m: LoraModule, adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
-               flat: dict[str, list[str]] | None) -> str | None:
-    name = resolve_name(m.target, shapes) if flat is None else resolve_flat(m.target, flat)
+               flat: dict[str, list[str]] | None, finder: SuffixFinder, children: dict[str, list[str]]) -> str | None:
+    where = _where(adapter)
+    name = resolve_name(m.target, shapes, finder) if flat is None else resolve_flat(m.target, flat, where, finder)
     if name is None and adapter.meta.get("sibling_binding"):
-        name = sibling_target(m, shapes)
+        if not children:
+            children.update(children_index(shapes))
+        name = sibling_target(m, shapes, where, children)
     return name
 
 
@@ -279,11 +340,11 @@ def _missing_components(adapter: Adapter, missing: list[str], warnings: list[str
     return missing
 
 
-def _unbound_error(missing: list[str], base_config: ConfigSource) -> UnboundModuleError:
+def _unbound_error(missing: list[str], base_config: ConfigSource, where: str = "", in_base: str = "") -> UnboundModuleError:
     tied = any(t.endswith("lm_head.weight") and config_for(base_config, t).get("tie_word_embeddings")
                for t in missing)
     return UnboundModuleError(
-        f"{len(missing)} adapter module(s) have no tensor in the base: {', '.join(missing[:6])}"
+        f"{where}{len(missing)} adapter module(s) have no tensor in the base{in_base}: {', '.join(clip(n) for n in missing[:6])}"
         + (" …" if len(missing) > 6 else "")
         + ".",
         tensor=missing[0],
@@ -294,7 +355,7 @@ def _unbound_error(missing: list[str], base_config: ConfigSource) -> UnboundModu
 
 
 def _settle_square(modules: dict[str, LoraModule], undecided: list[tuple[LoraModule, tuple[int, ...]]],
-                   votes: set[bool]) -> None:
+                   votes: set[bool], where: str = "") -> None:
     """Square modules without a declaration take the orientation every non-square one agrees on."""
     if not undecided:
         return
@@ -303,9 +364,9 @@ def _settle_square(modules: dict[str, LoraModule], undecided: list[tuple[LoraMod
         for bound, _ in undecided:
             modules[bound.target] = replace(bound, transposed=agreed)
         return
-    names = ", ".join(f"{b.target} {s}" for b, s in undecided[:6])
+    names = ", ".join(f"{clip(b.target)} {s}" for b, s in undecided[:6])
     raise LayoutAmbiguousError(
-        f"Cannot tell the orientation of square module(s) from shapes: {names}"
+        f"{where}cannot tell the orientation of square module(s) from shapes: {names}"
         + (" …" if len(undecided) > 6 else "")
         + (" (the non-square modules disagree)" if votes else "")
         + ".",
@@ -314,12 +375,14 @@ def _settle_square(modules: dict[str, LoraModule], undecided: list[tuple[LoraMod
     )
 
 
-def _bind_replacements(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+def _bind_replacements(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
+                       finder: SuffixFinder, in_base: str = "") -> tuple[dict, list[str]]:
+    where = _where(adapter)
     replacements = {}
     copies: list[str] = []
     missing: list[str] = []
     for target, t in adapter.replacements.items():
-        name = resolve_name(target, shapes)
+        name = resolve_name(target, shapes, finder)
         if name is None:
             missing.append(target)
             continue
@@ -327,7 +390,7 @@ def _bind_replacements(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) 
             copies.append(name)
         if tuple(shapes[name]) != tuple(t.shape):
             raise ShapeMismatchError(
-                f"Adapter replaces {name} with a tensor of shape {tuple(t.shape)}, but the base has "
+                f"{where}the adapter replaces {clip(name)} with a tensor of shape {tuple(t.shape)}, but the base{in_base} has "
                 f"{tuple(shapes[name])}.",
                 tensor=name,
                 expected=tuple(shapes[name]),
@@ -338,7 +401,7 @@ def _bind_replacements(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) 
         replacements[name] = t
     if missing:
         raise UnboundModuleError(
-            f"Adapter replaces tensor(s) the base does not have: {', '.join(missing[:6])}.",
+            f"{where}the adapter replaces tensor(s) the base{in_base} does not have: {', '.join(clip(n) for n in missing[:6])}.",
             tensor=missing[0],
             hint="The adapter was made for a different model, or BASE is the wrong checkpoint.",
         )
@@ -351,33 +414,39 @@ def bind(
     *,
     base_config: ConfigSource = None,
     layout: str | None = None,
+    base: object = None,
 ) -> Adapter:
     """Return ``adapter`` with every module's ``target``, ``shape`` and ``transposed`` settled.
 
     Raises UnboundModuleError for a module or replacement with no tensor in the base,
     ShapeMismatchError when factors do not fit, LayoutAmbiguousError when a square module's
-    orientation cannot be known.
+    orientation cannot be known. ``base`` (a path) is named in those messages.
     """
+    in_base = f" of {base}" if base is not None else ""
     missing: list[str] = []
     modules: dict[str, LoraModule] = {}
     undecided: list[tuple[LoraModule, tuple[int, ...]]] = []
     votes: set[bool] = set()
     flat = flat_index(shapes) if adapter.meta.get("flat_names") else None
+    finder = SuffixFinder(flat if flat is not None else shapes)
+    children: dict[str, list[str]] = {}
+    where = _where(adapter)
     for m in adapter.modules.values():
-        name = _target_of(m, adapter, shapes, flat)
+        name = _target_of(m, adapter, shapes, flat, finder, children)
         if name is None:
             missing.append(m.target)
             continue
         if name in modules or any(u.target == name for u, _ in undecided):
             raise LayoutAmbiguousError(
-                f"Two modules of the adapter bind to the same base tensor {name} (one of them is {m.target}).",
+                f"{where}two modules of the adapter bind to the same base tensor {clip(name)} (one of them is "
+                f"{clip(m.target)}).",
                 tensor=name,
                 hint="The adapter's names are ambiguous against this base; check that BASE is the right model.",
             )
         shape = tuple(shapes[name])
         m = _as_kind_of(m, shape)
-        t = _orient(m, shape, _default_orientation(m, name, adapter, base_config, layout))
-        bound = replace(m, target=name, shape=shape, transposed=t, bias_target=_check_extras(m, name, shapes))
+        t = _orient(m, shape, _default_orientation(m, name, adapter, base_config, layout), where, in_base)
+        bound = replace(m, target=name, shape=shape, transposed=t, bias_target=_check_extras(m, name, shapes, where))
         if t is None:
             undecided.append((bound, shape))
             continue
@@ -388,11 +457,12 @@ def bind(
     if missing and flat is not None:
         missing = _missing_components(adapter, missing, warnings)
     if missing:
-        raise _unbound_error(missing, base_config)
-    _settle_square(modules, undecided, votes)
+        raise _unbound_error(missing, base_config, where, in_base)
+    _settle_square(modules, undecided, votes, where)
     if adapter.meta.get("factor_orientation"):
-        modules = {n: _normalize(m, layout) for n, m in modules.items()}
-    replacements, copies = _bind_replacements(adapter, shapes)
+        modules = {n: _normalize(m, layout, where) for n, m in modules.items()}
+    replacements, copies = _bind_replacements(adapter, shapes, finder if flat is None else SuffixFinder(shapes),
+                                              in_base)
     meta = {**adapter.meta, "base_copies": copies} if "base_copies" in adapter.meta else dict(adapter.meta)
     meta["flat_names"] = False  # bound: targets are base names now
     return replace(adapter, modules=modules, replacements=replacements, meta=meta, warnings=warnings)

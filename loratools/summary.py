@@ -31,16 +31,40 @@ def storage_shape(kind: str, fan_out: int, fan_in: int, kernel: tuple[int, ...],
     return [fan_in, fan_out] if transposed else [fan_out, fan_in]
 
 
-def _load(path: Path, begin: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A tensor's bytes as float64 (F32, F16, F64, BF16 widened by its bit pattern), or None."""
-    count = math.prod(shape)
-    if dtype == "BF16":
-        raw = np.fromfile(path, dtype="<u2", count=count, offset=begin)
-        values = (raw.astype(np.uint32) << 16).view(np.float32)
-    elif dtype in ("F32", "F16", "F64"):
-        values = np.fromfile(path, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype], count=count, offset=begin)
-    else:
+def lowrank_norm(B: np.ndarray, A: np.ndarray, scale: float) -> float:
+    """‖scale · B @ A‖_F (B (out, r), A (r, in)) in memory the factors justify: from the r×r Gram
+    matrices when r² ≤ out·in — the (out, in) product of a rank-1 pair of 2**16-long factors (a
+    1 MB file) would be 32 GB —, else from the product itself (a rank of 2**16 on a 1×1 module must
+    not make a 2**16 × 2**16 Gram matrix). min(r², out·in) ≤ r·(out + in) / 2: never more values
+    than the file holds."""
+    out, r = B.shape
+    inp = A.shape[1]
+    if r * r <= out * inp:
+        return abs(float(scale)) * math.sqrt(max(0.0, float(((B.T @ B) * (A @ A.T)).sum())))
+    return abs(float(scale)) * float(np.linalg.norm(B @ A))
+
+
+def _delta_norm(delta: Any) -> float:
+    """‖ΔW‖_F of a module's delta without forming more than its tensors justify (see lowrank_norm)."""
+    from .deltas import LowRank
+
+    if isinstance(delta, LowRank):
+        return lowrank_norm(delta.B.double().numpy(), delta.A.double().numpy(), delta.scale)
+    return float(delta.norm())
+
+
+_NUMPY = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+def _load(data: np.ndarray, begin: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A tensor's bytes (from the file mapped as ``data``) as float64 — F32, F16, F64, BF16 widened
+    by its bit pattern —, or None for another dtype."""
+    if dtype not in _NUMPY:
         return None
+    count = math.prod(shape)
+    values = data[begin:begin + count * np.dtype(_NUMPY[dtype]).itemsize].view(_NUMPY[dtype])
+    if dtype == "BF16":
+        values = (values.astype(np.uint32) << 16).view(np.float32)
     if values.size != count:
         return None
     return values.astype(np.float64).reshape(shape)
@@ -59,13 +83,19 @@ def summarize_fast(path: Path, *, shown_as: str) -> dict[str, Any] | None:
             return None
         cfg = peft.read_config(config_path)
         header = read_header(weights)
+        plan = peft.plan_state_dict(cfg, config_path, weights, {k: tuple(t.shape) for k, t in header.tensors.items()})
+        if not plan.modules and not plan.replacements:
+            return None
+        data = np.memmap(weights, dtype=np.uint8, mode="r")  # one mapping for every tensor of the file
         arrays = {}
+        wanted = {k for spec in plan.modules for k in (spec.a_key, spec.b_key)}
         for key, t in header.tensors.items():
-            a = _load(weights, t.begin, t.dtype, tuple(t.shape))
+            a = _load(data, t.begin, t.dtype, tuple(t.shape))
             if a is None or not bool(np.isfinite(a).all()):
                 return None  # the full reader says what is wrong
-            arrays[key] = a
-        plan = peft.plan_state_dict(cfg, config_path, weights, {k: tuple(t.shape) for k, t in header.tensors.items()})
+            if key in wanted:
+                arrays[key] = a
+        del data
     except LoraToolsError:
         return None  # the full path raises the same error, the way every command does
     rows = []
@@ -85,7 +115,7 @@ def summarize_fast(path: Path, *, shown_as: str) -> dict[str, Any] | None:
             "shape": storage_shape(spec.kind, fan_out, fan_in, spec.kernel, bool(spec.transposed)),
             "dora": "magnitude" in spec.keys,
             "lora_bias": "bias" in spec.keys,
-            "delta_norm": float(np.linalg.norm((B * spec.scale) @ A)),
+            "delta_norm": lowrank_norm(B, A, spec.scale),
         })
     rows.sort(key=lambda r: r["target"])
     return {
@@ -105,9 +135,6 @@ def summarize_fast(path: Path, *, shown_as: str) -> dict[str, Any] | None:
 
 def summarize_adapter(a: Adapter, *, shown_as: str, base: str | None, unbound: dict[str, str]) -> dict[str, Any]:
     """The ``info --json`` document of an adapter read (and possibly bound) by the pipeline."""
-    import torch
-
-    from .adapter import delta
     from .dtypes import short_name
 
     rows = []
@@ -126,7 +153,7 @@ def summarize_adapter(a: Adapter, *, shown_as: str, base: str | None, unbound: d
             "shape": list(m.stored_shape),
             "dora": m.magnitude is not None,
             "lora_bias": m.bias is not None,
-            "delta_norm": float(torch.linalg.vector_norm(delta(m, dtype=torch.float64))),
+            "delta_norm": _delta_norm(m.delta),
         })
     return {
         "path": shown_as,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -36,13 +37,25 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: headers and byte 
 
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on N
+# Tensors in one file: a whole MoE model's shard holds a few thousand, a LoRA on every expert of the
+# largest MoE models under 100,000. A header listing more is refused before it costs seconds and
+# hundreds of megabytes (parsing costs about 15 µs and 1 KB a tensor).
+MAX_TENSORS = 250_000
+MAX_DIMS = 64  # dimensions of one tensor (safetensors' own readers take far fewer)
 COPY_CHUNK = 64 * 1024 * 1024
 _MAX_HANDLES = 4  # safe_open handles kept open (each one maps its file; none keeps a descriptor)
-_MAX_DIGITS = 20  # no header number beyond 2**64 - 1 is meaningful
+_MAX_HEADERS = 8  # parsed headers kept, by the identity of the file's content (read_header is called per format)
 
 
 def _short(x: object, limit: int = 80) -> str:
-    r = repr(x)
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > 10**20:
+        return "<integer of more than 20 digits>"
+    if isinstance(x, (list, dict)) and len(x) > 8:
+        return f"<{type(x).__name__} of {len(x)} items>"
+    try:
+        r = repr(x)
+    except (ValueError, RecursionError):  # a nesting too deep or an int too long to print
+        return f"<{type(x).__name__}>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
@@ -92,20 +105,6 @@ class _Unsupported(_Bad):
     """A valid file that loratools cannot handle."""
 
 
-class _TooLong:
-    """Stands for a JSON integer of more than ``_MAX_DIGITS`` digits (never converted)."""
-
-    def __repr__(self) -> str:
-        return "<integer of more than 20 digits>"
-
-
-_TOO_LONG = _TooLong()
-
-
-def _int_or_marker(text: str) -> object:
-    return int(text) if len(text) <= _MAX_DIGITS else _TOO_LONG
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
@@ -122,17 +121,20 @@ def _is_uint(x: object) -> bool:
 
 
 def _parse(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Our reading of the header (raises _Bad): infos in data order, and the metadata."""
+    """Our reading of the header (raises _Bad): infos in data order, and the metadata.
+
+    Linear in the header's size, and nothing it claims is allocated: a shape's byte count is
+    multiplied out only until it passes what the offsets hold."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Bad(f"its header is not JSON ({e})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_int_or_marker)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"its header is not JSON ({e})") from None
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise _Bad("its header is not JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and integers beyond Python's digit limit
+        raise _Bad(f"its header is not JSON ({_short(str(e), 120)})") from None
     if not isinstance(header, dict):
         raise _Bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -140,28 +142,33 @@ def _parse(path: Path, raw: bytes, size: int) -> tuple[list[TensorInfo], dict[st
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _Bad("__metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise _Bad(f"its header lists {len(header)} tensors, more than any model or adapter file holds "
+                   f"({MAX_TENSORS})")
     data_start = 8 + len(raw)
     data_size = size - data_start
     infos: list[TensorInfo] = []
+    keys = {"dtype", "shape", "data_offsets"}
     for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        if type(entry) is not dict or not keys <= entry.keys():
             raise _Bad(f"entry {_short(name)} lacks dtype, shape or data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in BY_ST:
-            if isinstance(dtype, str) and dtype in SUB_BYTE_ST:
+        row = BY_ST.get(dtype) if type(dtype) is str else None
+        if row is None:
+            if type(dtype) is str and dtype in SUB_BYTE_ST:
                 raise _Unsupported(f"tensor {_short(name)} has dtype {dtype}, whose elements are smaller than a "
                                    "byte; loratools does not read or copy those")
             raise _Bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
-        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+        if type(shape) is not list or len(shape) > MAX_DIMS or not all(_is_uint(s) for s in shape):
             raise _Bad(f"tensor {_short(name)} has invalid shape {_short(shape)}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+        if not (type(offsets) is list and len(offsets) == 2 and _is_uint(offsets[0]) and _is_uint(offsets[1])
                 and offsets[0] <= offsets[1]):
             raise _Bad(f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
         b, e = offsets
         # the byte count, stopping as soon as it exceeds what the offsets claim (no huge products)
-        count = 0 if 0 in shape else BY_ST[dtype].itemsize
-        for s in shape:
-            count *= s
+        count = 0 if 0 in shape else row.itemsize
+        for dim in shape:
+            count *= dim
             if count > e - b:
                 break
         if count != e - b:
@@ -207,7 +214,16 @@ def read_header(path: Path) -> Header:
         )
 
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below forever
+            raise corrupt("it is not a regular file")
+        key = (os.fspath(path), os.getcwd(), st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
+        with _headers_lock:
+            cached = _headers.get(key)
+            if cached is not None:
+                _headers.move_to_end(key)
+                return cached
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -221,11 +237,8 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CorruptFileError(f"Cannot read {path}: {e.strerror or e}.", path=path) from e
 
-    library_error: str | None = None
-    try:
-        seen, seen_meta, offset_order = _library_view(path)
-    except Exception as e:  # SafetensorError, OSError, anything: the library refuses the file
-        library_error = " ".join(str(e).split())[:400] or type(e).__name__
+    if raw.count(b'"data_offsets"') > MAX_TENSORS + 1:  # before any parsing: a header of millions of entries
+        raise corrupt(f"its header lists more than {MAX_TENSORS} tensors, more than any model or adapter file holds")
     try:
         infos, metadata = _parse(path, raw, size)
     except _Unsupported as e:
@@ -234,6 +247,11 @@ def read_header(path: Path) -> Header:
         raise corrupt(str(e)) from None
     except Exception as e:  # a bug in the parse above must still not let a raw exception out
         raise corrupt(f"its header cannot be read ({type(e).__name__})") from None
+    library_error: str | None = None
+    try:
+        seen, seen_meta, offset_order = _library_view(path)
+    except Exception as e:  # SafetensorError, OSError, anything: the library refuses the file
+        library_error = " ".join(str(e).split())[:400] or type(e).__name__
     if library_error is not None:
         for row in BY_ST.values():
             if f"unknown variant `{row.st}`" in library_error:
@@ -256,7 +274,18 @@ def read_header(path: Path) -> Header:
         filled_set = set(filled)
         if [k for k in offset_order if k in filled_set] != filled:
             raise corrupt("the safetensors library orders its tensors differently")
-    return Header(path, {t.name: t for t in infos}, dict(metadata), 8 + n)
+    header = Header(path, {t.name: t for t in infos}, dict(metadata), 8 + n)
+    with _headers_lock:
+        _headers[key] = header
+        while len(_headers) > _MAX_HEADERS or sum(len(h.tensors) for h in _headers.values()) > MAX_TENSORS:
+            _headers.popitem(last=False)
+    return header
+
+
+# Parsed headers, most recently used last, keyed by the file's identity and change times: detecting a
+# format and reading it parse one header several times.
+_headers: OrderedDict[tuple, Header] = OrderedDict()
+_headers_lock = threading.Lock()
 
 
 # safe_open handles, most recently used last, keyed by what identifies the file's current content.
@@ -279,44 +308,67 @@ def _forget(path: Path) -> None:
             _close(_handles.pop(key))
 
 
+def _handle(file: Path) -> Any:
+    """A cached ``safe_open`` handle of ``file`` (call with ``_handles_lock`` held)."""
+    where = os.path.abspath(file)
+    st = os.stat(where)
+    key = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    handle = _handles.pop(key, None)
+    if handle is None:
+        for stale in [k for k in _handles if k[0] == where]:
+            _close(_handles.pop(stale))
+        handle = safe_open(where, framework="pt")
+    _handles[key] = handle
+    while len(_handles) > _MAX_HANDLES:
+        _close(_handles.popitem(last=False)[1])
+    return handle
+
+
 def load_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor through ``safetensors.safe_open``: a fresh CPU tensor, independent of the file."""
+    return load_tensors([info])[info.name]
+
+
+def load_tensors(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """:func:`load_tensor` of several tensors of one file, through one handle (an adapter's
+    thousands of small tensors would otherwise pay a file lookup each)."""
     import torch
 
-    dtype = info.torch_dtype  # a clear error if this torch lacks the dtype
-    where = os.path.abspath(info.file)
+    out: dict[str, torch.Tensor] = {}
+    if not infos:
+        return out
+    file = infos[0].file
     try:
-        st = os.stat(where)
-        key = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         with _handles_lock:
-            handle = _handles.pop(key, None)
-            if handle is None:
-                for stale in [k for k in _handles if k[0] == where]:
-                    _close(_handles.pop(stale))
-                handle = safe_open(where, framework="pt")
-            _handles[key] = handle
-            while len(_handles) > _MAX_HANDLES:
-                _close(_handles.popitem(last=False)[1])
-            view = handle.get_tensor(info.name)  # maps the file; copy-on-write, aligned or not
+            handle = _handle(file)
+            for info in infos:
+                dtype = info.torch_dtype  # a clear error if this torch lacks the dtype
+                if info.file != file:
+                    raise _internal(f"load_tensors of {info.file} and {file} in one call")
+                try:
+                    view = handle.get_tensor(info.name)  # maps the file; copy-on-write, aligned or not
+                except OSError:
+                    raise
+                except Exception as e:  # SafetensorError and the like
+                    raise CorruptFileError(
+                        f"Cannot read tensor {_short(info.name)} from {info.file}: {' '.join(str(e).split())}.",
+                        path=info.file,
+                        tensor=info.name,
+                        hint="The file may have changed since it was opened, or be damaged.",
+                    ) from None
+                if view.dtype != dtype or tuple(view.shape) != info.shape:
+                    raise CorruptFileError(
+                        f"{info.file} changed since it was opened: tensor {_short(info.name)} is now {view.dtype} "
+                        f"{list(view.shape)}, not {info.dtype} {list(info.shape)}.",
+                        path=info.file,
+                        tensor=info.name,
+                    )
+                # A copy: the view keeps the whole file mapped, and a mapping of a file that is later truncated
+                # or rewritten in place faults on access.
+                out[info.name] = view.clone(memory_format=torch.contiguous_format)
     except OSError as e:
-        raise CorruptFileError(f"Cannot read {info.file}: {e.strerror or e}.", path=info.file) from e
-    except Exception as e:  # SafetensorError and the like
-        raise CorruptFileError(
-            f"Cannot read tensor {info.name!r} from {info.file}: {' '.join(str(e).split())}.",
-            path=info.file,
-            tensor=info.name,
-            hint="The file may have changed since it was opened, or be damaged.",
-        ) from None
-    if view.dtype != dtype or tuple(view.shape) != info.shape:
-        raise CorruptFileError(
-            f"{info.file} changed since it was opened: tensor {info.name!r} is now {view.dtype} "
-            f"{list(view.shape)}, not {info.dtype} {list(info.shape)}.",
-            path=info.file,
-            tensor=info.name,
-        )
-    # A copy: the view keeps the whole file mapped, and a mapping of a file that is later truncated or
-    # rewritten in place faults on access.
-    return view.clone(memory_format=torch.contiguous_format)
+        raise CorruptFileError(f"Cannot read {file}: {e.strerror or e}.", path=file) from e
+    return out
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

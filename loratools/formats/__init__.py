@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterFormatError, AdapterNotFoundError, InvalidArgumentError, UnsupportedAdapterError
+from ..errors import AdapterNotFoundError, InvalidArgumentError, NotAnAdapterError, UnsupportedAdapterError
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -96,11 +96,14 @@ def spec(name: str, *, writing: bool = False) -> FormatSpec:
 
 def cannot_hold(caps: Capabilities, adapter: Adapter) -> list[str]:
     """What of ``adapter`` a format with ``caps`` has no form for, one line each."""
+    from ..jsonio import clip
+
     problems: list[str] = []
     if adapter.replacements and not caps.full_tensors:
-        problems += [f"{n} (full tensor)" for n in sorted(adapter.replacements)]
+        problems += [f"{clip(n)} (full tensor)" for n in sorted(adapter.replacements)]
     plain = transposed = False
     for name, m in sorted(adapter.modules.items()):
+        name = clip(name)
         if m.delta.kind not in caps.deltas:
             problems.append(f"{name} ({m.delta.kind} delta)")
         if m.magnitude is not None and (not caps.dora or (m.dora_per_input and not caps.dora_per_input)):
@@ -122,11 +125,17 @@ def cannot_hold(caps: Capabilities, adapter: Adapter) -> list[str]:
 
 
 def check_can_hold(name: str, adapter: Adapter, *, server: str | None = None, caps: Capabilities | None = None) -> None:
+    where = f"{adapter.path}: " if adapter.path is not None else ""
+    if adapter.meta.get("flat_names"):
+        raise InvalidArgumentError(
+            f"{where}the module names of this kohya file are flattened ('.' became '_'); writing it needs the base "
+            "model, whose tensor names give the dots back.",
+            path=adapter.path, hint="Pass the base model (--base / base=).")
     problems = cannot_hold(caps or FORMATS[name].caps, adapter)
     if problems:
-        who = server or f"The {name} format"
+        who = server or f"the {name} format"
         raise UnsupportedAdapterError(
-            f"{who} cannot hold {len(problems)} part(s) of this adapter: {', '.join(problems[:6])}"
+            f"{where}{who} cannot hold {len(problems)} part(s) of this adapter: {', '.join(problems[:6])}"
             + (" …" if len(problems) > 6 else "") + ".",
             hint="Converting would lose them. Choose a format that holds them (peft holds the most), or merge "
             "the adapter into its base model instead.",
@@ -135,11 +144,11 @@ def check_can_hold(name: str, adapter: Adapter, *, server: str | None = None, ca
 
 def detect_format(path: Path) -> str:
     """The format of ``path`` by content: its name; a CorruptFileError when a format recognises the
-    path as its own but broken; AdapterFormatError when none recognises it."""
+    path as its own but broken; NotAnAdapterError (an AdapterFormatError) when none recognises it."""
     for s in _SPECS:
         if s.load().detect(path):
             return s.name
-    raise AdapterFormatError(
+    raise NotAnAdapterError(
         f"{path} is not an adapter in a format loratools reads ({', '.join(READABLE)}).",
         path=path,
         hint="A PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors; a raw file "

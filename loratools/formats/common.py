@@ -7,16 +7,15 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-
-
 from pathlib import Path
 
 import torch
 
 from ..adapter import LoraModule, check_finite
-from ..checkpoint.safetensors_io import Header, load_tensor
+from ..checkpoint.safetensors_io import Header, load_tensors
 from ..deltas import LowRank
-from ..errors import InternalError
+from ..errors import AdapterFormatError, InternalError, NonFiniteError, UnsupportedAdapterError
+from ..jsonio import clip
 
 # components of a diffusers pipeline, as target-name prefixes, and the kohya prefix of each
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
@@ -34,23 +33,67 @@ def default_component(base_config: dict | None) -> str:
     """The pipeline component a checkpoint without component prefixes is: a CLIP text model is a
     text encoder; anything else (a UNet, or a model outside a pipeline) goes where the UNet does."""
     cfg = base_config or {}
-    archs = " ".join(cfg.get("architectures") or [])
+    archs = cfg.get("architectures")
+    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     if cfg.get("model_type") in ("clip_text_model", "clip") or "CLIPText" in archs:
         return "text_encoder"
     return "unet"
 
 
-def load_groups(header: Header, named: dict[str, dict[str, str]], path: Path) -> dict[
+def check_factor(t: torch.Tensor, key: str, path: Path, *, integer_ok: bool = False) -> torch.Tensor:
+    """A tensor of an adapter's math (factor, alpha, magnitude, bias) must hold real numbers —
+    floating point (an integer ``alpha`` too with ``integer_ok``) — that are finite."""
+    if t.is_complex() or t.dtype == torch.bool or not (t.is_floating_point() or integer_ok):
+        raise UnsupportedAdapterError(
+            f"{path}: tensor {clip(key)} is {str(t.dtype).removeprefix('torch.')}; LoRA tensors hold floating-point "
+            "numbers.", path=path, tensor=key,
+            hint="A quantized or otherwise encoded adapter must be dequantized by the tool that made it.")
+    check_finite(t, what=f"{path}: adapter tensor {clip(key)}", path=path)
+    return t
+
+
+def check_rank(path: Path, module: str, down: tuple[int, ...], up: tuple[int, ...], *, rank_axis: int = 0,
+               what: str = "factors") -> int:
+    """The rank of a factor pair whose ``down`` factor holds it on ``rank_axis``: both factors at
+    least matrices, no dimension 0 (a rank-0 pair is nothing, and an empty factor of a huge claimed
+    shape must not become a huge ΔW)."""
+    if len(down) < 2 or len(up) < 2:
+        raise AdapterFormatError(f"{path}: {clip(module)} has {what} of shapes {tuple(down)} and {tuple(up)}; LoRA "
+                                 "factors are matrices.", path=path, tensor=module)
+    if 0 in down or 0 in up:
+        raise AdapterFormatError(f"{path}: {clip(module)} has {what} of shapes {tuple(down)} and {tuple(up)}: a "
+                                 "dimension of 0 (a LoRA of rank 0 changes nothing).", path=path, tensor=module)
+    return int(down[rank_axis])
+
+
+def check_scale(path: Path, module: str, scale: float, *, what: str = "scale") -> float:
+    """A module's alpha or scale must be a finite number (an inf alpha makes ΔW all inf / NaN)."""
+    if not math.isfinite(scale):
+        raise NonFiniteError(f"{path}: {clip(module)} has {what} {scale}; it must be finite.", path=path,
+                             tensor=module, hint="The adapter is damaged; re-download or re-train it.")
+    return scale
+
+
+def load_groups(header: Header, named: dict[str, dict[str, str]], path: Path, *,
+                integer_roles: frozenset[str] = frozenset({"alpha"})) -> dict[
         str, dict[str, tuple[str, torch.Tensor]]]:
-    """The tensors of grouped keys (``keys.group_keys``), loaded and checked finite:
+    """The tensors of grouped keys (``keys.group_keys``), loaded and checked (real, finite):
     ``{stem: {role: (key, tensor)}}``."""
+    loaded = load_tensors([header.tensors[key] for roles in named.values() for key in roles.values()])
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for stem, roles in named.items():
         for role, key in roles.items():
-            t = load_tensor(header.tensors[key])
-            check_finite(t, what=f"adapter tensor {key}", path=path)
+            t = check_factor(loaded[key], key, path, integer_ok=role in integer_roles)
             groups.setdefault(stem, {})[role] = (key, t)
     return groups
+
+
+def scalar(t: torch.Tensor, key: str, path: Path) -> float:
+    """The one value of a scalar tensor (kohya / diffusers ``alpha``): shape () or (1,)."""
+    if t.numel() != 1:
+        raise AdapterFormatError(f"{path}: {clip(key)} has shape {tuple(t.shape)}; an alpha is one number.",
+                                 path=path, tensor=key)
+    return float(t.reshape(-1)[0])
 
 
 def lowrank(m: LoraModule) -> LowRank:

@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..adapter import Adapter, LoraModule, lowrank_module
 from ..checkpoint.safetensors_io import read_header, save_tensors
-from ..errors import AdapterFormatError, AdapterNotFoundError
-from ..jsonio import load_json
-from .common import component_of, default_component, load_groups, lowrank, pattern_config
+from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
+from ..jsonio import clip, get_field, load_json
+from .common import (check_rank, check_scale, component_of, default_component, load_groups, lowrank, pattern_config,
+                     scalar)
 from .keys import group_keys, refuse_leftovers
-from .peft_layout import get_pattern_key
+from .patterns import Pattern, first_match, pattern_keys, time_limit
 
 NAME = "diffusers"
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -61,25 +63,47 @@ def detect(path: Path) -> bool:
     return any(component_of(n)[0] is not None and (n.endswith(tuple(ROLES)) or OLD.match(n)) for n in names)
 
 
-def _components_config(metadata: dict[str, str]) -> dict[str, dict]:
+@dataclass(frozen=True)
+class _Component:
+    """The LoraConfig fields of one component that reading uses, checked."""
+
+    alpha: float | None
+    rslora: bool
+    alpha_pattern: tuple[Pattern, ...]
+    alphas: dict[str, float]
+
+
+def _components_config(metadata: dict[str, str], f: Path) -> dict[str, _Component]:
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    flat = load_json(raw, what=f"metadata {METADATA_KEY}")
-    configs: dict[str, dict] = {}
+    what = f"metadata {METADATA_KEY}"
+    flat = load_json(raw, where=f, what=what)
+    fields: dict[str, dict] = {}
     for key, value in flat.items():
-        component, _, field = key.partition(".")
-        configs.setdefault(component, {})[field] = value
+        component, _, name = key.partition(".")
+        fields.setdefault(component, {})[name] = value
+    configs: dict[str, _Component] = {}
+    for component, cfg in fields.items():
+        where_what = f"{what} of {clip(component)}"
+        patterns = get_field(cfg, "alpha_pattern", dict, {}, where=f, what=where_what)
+        alphas = {k: get_field(patterns, k, float, float("nan"), where=f, what=f"{where_what} alpha_pattern",
+                               must="a finite number") for k in patterns}
+        if any(math.isnan(a) for a in alphas.values()):  # null: no default exists for a pattern's alpha
+            raise CorruptFileError(f"{f}: {where_what} alpha_pattern holds a null alpha.", path=f)
+        configs[component] = _Component(
+            alpha=get_field(cfg, "lora_alpha", float, None, where=f, what=where_what, must="a finite number"),
+            rslora=get_field(cfg, "use_rslora", bool, False, where=f, what=where_what),
+            alpha_pattern=tuple(pattern_keys(list(patterns), where=f, what=f"{where_what} alpha_pattern")),
+            alphas=alphas,
+        )
     return configs
 
 
 def read(path: Path, **_: object) -> Adapter:
     f = _file(path)
     header = read_header(f)
-    try:
-        configs = _components_config(header.metadata)
-    except AdapterFormatError as e:
-        raise type(e)(f"{f}: {e.message}", path=f, hint=e.hint) from None
+    configs = _components_config(header.metadata, f)
     by_suffix = {suffix: role for suffix, role in ROLES.items()}
 
     def split(key: str) -> tuple[str, str] | None:
@@ -92,39 +116,60 @@ def read(path: Path, **_: object) -> Adapter:
                 return key[: -len(suffix)], role
         return None
 
-    named, leftovers = group_keys(header.tensors, split)
+    named, leftovers = group_keys(header.tensors, split, path=f)
     refuse_leftovers(leftovers, f)
     groups = load_groups(header, named, f)
+
+    def too_slow() -> Exception:
+        return CorruptFileError(f"{f}: matching the alpha_pattern of {METADATA_KEY} against the module names took "
+                                "too long; a pattern backtracks catastrophically.", path=f)
+
     modules: dict[str, LoraModule] = {}
-    for module, roles in sorted(groups.items()):
-        if "A" not in roles or "B" not in roles:
-            raise AdapterFormatError(f"{f}: {module} lacks its lora_A or lora_B.", path=f, tensor=module)
-        (_, A), (_, B) = roles["A"], roles["B"]
-        r = int(A.shape[0])
-        component, rel = component_of(module)
-        cfg = configs.get(component or "", {})
-        if "alpha" in roles:
-            alpha = float(roles["alpha"][1].reshape(-1)[0])
-        elif cfg:
-            akey = get_pattern_key(list(cfg.get("alpha_pattern") or {}), rel)
-            alpha = float(cfg["alpha_pattern"][akey]) if akey is not None else float(cfg.get("lora_alpha", r))
-        else:
-            alpha = float(r)
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        kernel = tuple(int(s) for s in A.shape[2:])
-        modules[module + ".weight"] = lowrank_module(
-            module + ".weight", A.reshape(r, -1), B.reshape(B.shape[0], r), scale, alpha, kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
-            magnitude=roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None,
-            bias=roles["bias"][1].reshape(-1) if "bias" in roles else None,
-            bias_target=module + ".bias" if "bias" in roles else None,
-            source_keys=tuple(k for k, _ in roles.values()),
-        )
+    with time_limit(too_slow):
+        for module, roles in sorted(groups.items()):
+            modules[module + ".weight"] = _module(f, module, roles, configs)
     added = header.metadata.get(ADDED_KEY)
     if added:  # written by loratools for targets without a component: give them their own names back
         modules = {n.removeprefix(added + "."): m.with_(target=n.removeprefix(added + "."),
                                                        bias_target=m.bias_target and m.bias_target.removeprefix(added + "."))
                    for n, m in modules.items()}
+    if not modules:
+        raise AdapterFormatError(f"{f} holds no LoRA factor pairs.", path=f)
     return Adapter(modules=modules, meta={"format": NAME, "components": sorted(configs)}, path=path, files=[f])
+
+
+def _module(f: Path, module: str, roles: dict[str, tuple[str, torch.Tensor]],
+            configs: dict[str, _Component]) -> LoraModule:
+    if "A" not in roles or "B" not in roles:
+        raise AdapterFormatError(f"{f}: {clip(module)} lacks its lora_A or lora_B.", path=f, tensor=module)
+    (_, A), (bk, B) = roles["A"], roles["B"]
+    r = check_rank(f, module, tuple(A.shape), tuple(B.shape), what="lora_A / lora_B")
+    if int(B.shape[1]) != r:
+        raise AdapterFormatError(f"{f}: {clip(module)} has rank {r} in lora_A and {B.shape[1]} in lora_B.", path=f,
+                                 tensor=module)
+    if any(int(s) != 1 for s in B.shape[2:]):
+        raise UnsupportedAdapterError(f"{f}: {clip(bk)} has a {tuple(B.shape[2:])} kernel; only 1×1 lora_B is a "
+                                      "plain low-rank delta.", path=f, tensor=bk)
+    component, rel = component_of(module)
+    cfg = configs.get(component or "")
+    if "alpha" in roles:
+        alpha = scalar(roles["alpha"][1], roles["alpha"][0], f)
+    elif cfg is not None:
+        akey = first_match(cfg.alpha_pattern, rel)
+        alpha = cfg.alphas[akey] if akey is not None else (cfg.alpha if cfg.alpha is not None else float(r))
+    else:
+        alpha = float(r)
+    check_scale(f, module, alpha, what="alpha")
+    scale = alpha / math.sqrt(r) if cfg is not None and cfg.rslora else alpha / r
+    kernel = tuple(int(s) for s in A.shape[2:])
+    return lowrank_module(
+        module + ".weight", A.reshape(r, -1), B.reshape(B.shape[0], r), scale, alpha,
+        kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
+        magnitude=roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None,
+        bias=roles["bias"][1].reshape(-1) if "bias" in roles else None,
+        bias_target=module + ".bias" if "bias" in roles else None,
+        source_keys=tuple(k for k, _ in roles.values()),
+    )
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,

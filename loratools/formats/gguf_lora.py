@@ -19,6 +19,8 @@ form in llama.cpp's LoRA and are refused.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 
 from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
-from ..errors import AdapterFormatError, AdapterNotFoundError, InvalidArgumentError, UnsupportedAdapterError
-from ..jsonio import load_json
-from .common import fold_scale, lowrank, most_common
+from ..errors import (AdapterFormatError, AdapterNotFoundError, CorruptFileError, InvalidArgumentError,
+                      UnsupportedAdapterError)
+from ..jsonio import clip, get_field, load_json, source_of
+from .common import check_rank, check_scale, fold_scale, lowrank, most_common
 from .keys import group_keys
 
 NAME = "gguf"
@@ -69,11 +72,23 @@ def detect(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
+MAX_LAYERS = 100_000  # a num_hidden_layers beyond this is a damaged config, not a model
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _config_int(config: dict, key: str, default: Any = None, *, positive: bool = True) -> Any:
+    """A count from the base's config.json (heads, layers), checked."""
+    return get_field(config, key, int, default, where=source_of(config), what="the model config",
+                     check=(lambda v: 0 < v <= MAX_LAYERS) if positive else None,
+                     must=f"an integer from 1 to {MAX_LAYERS}")
+
+
 def _arch(config: dict) -> tuple[str, bool]:
     model_type = config.get("model_type")
-    if model_type not in ARCHS:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise UnsupportedAdapterError(
-            f"GGUF: architecture {model_type!r} is not supported yet (supported: {', '.join(ARCHS)}).",
+            f"{source_of(config, 'GGUF')}: architecture (model_type) {clip(repr(model_type), 80)} is not supported by "
+            f"the GGUF format yet (supported: {', '.join(ARCHS)}).", path=source_of(config),
             hint="Each architecture needs its llama.cpp tensor layout checked before loratools writes it.",
         )
     return ARCHS[model_type]
@@ -89,17 +104,35 @@ def _permute(B: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tenso
 
 def _heads(name: str, config: dict) -> int | None:
     if name.endswith("self_attn.q_proj.weight"):
-        return int(config["num_attention_heads"])
+        return _config_int(config, "num_attention_heads")
     if name.endswith("self_attn.k_proj.weight"):
-        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        return _config_int(config, "num_key_value_heads") or _config_int(config, "num_attention_heads")
     return None
 
 
-def _name_map(config: dict) -> tuple[Any, str, bool]:
+def _check_heads(rows: int, heads: Any, *, where: str | Path | None, what: str) -> int:
+    """A head count that splits ``rows`` into pairs of rows per head, as the permutation needs."""
+    if not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and rows % (2 * heads) == 0):
+        raise CorruptFileError(
+            f"{str(where) + ': ' if where else ''}{what}: "
+            f"{clip(repr(heads), 40)} heads cannot split {rows} rows into pairs of rows per head.",
+            path=where, hint="The head counts (loratools.n_head, or the base's config.json) do not fit the tensor.")
+    return heads
+
+
+_LAYER = re.compile(r"\.layers\.(\d{1,6})\.")
+
+
+def _name_map(config: dict, layers: int) -> tuple[Any, str, bool]:
+    """gguf's HF→GGUF name map for the first ``layers`` blocks (never more than the config has)."""
     gguf = _gguf()
     arch_name, permute = _arch(config)
+    total = _config_int(config, "num_hidden_layers")
+    if total is None:
+        raise CorruptFileError(f"{source_of(config, 'the model config')}: num_hidden_layers is missing; llama.cpp's "
+                               "tensor names need it.", path=source_of(config))
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    return gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"])), arch_name, permute
+    return gguf.get_tensor_name_map(arch, min(total, max(1, layers))), arch_name, permute
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
@@ -108,7 +141,8 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         raise InvalidArgumentError("Writing GGUF needs the base model (--base): its config gives the architecture and "
                                    "llama.cpp's tensor names.")
     gguf = _gguf()
-    tmap, arch_name, permute = _name_map(base_config)
+    used = [int(m.group(1)) + 1 for t in adapter.modules if (m := _LAYER.search(t))]
+    tmap, arch_name, permute = _name_map(base_config, max(used, default=1))
     mods = adapter.modules
     alpha = float(most_common([m.rank for m in mods.values()])) if mods else 1.0
     writer = gguf.GGUFWriter(str(out / FILE), arch_name)
@@ -119,12 +153,14 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     for target, m in sorted(mods.items()):
         gname = tmap.get_name(target, try_suffixes=(".weight",))
         if gname is None:
-            raise UnsupportedAdapterError(f"{target} has no llama.cpp tensor name for {arch_name}.", tensor=target)
+            raise UnsupportedAdapterError(f"{clip(target)} has no llama.cpp tensor name for {arch_name}.",
+                                          tensor=target)
         d = lowrank(fold_scale(m, alpha / m.rank))  # llama.cpp applies alpha / rank to every pair
         A, B = d.A.float(), d.B.float()
         heads = _heads(target, base_config) if permute else None
         if heads:
-            B = _permute(B, heads)
+            B = _permute(B, _check_heads(B.shape[0], heads, where=source_of(base_config),
+                                         what=f"the heads of {clip(target)}"))
         a_np = (A.T if m.kind == "embedding" else A).contiguous().numpy()
         writer.add_tensor(gname + ".lora_a", a_np)
         writer.add_tensor(gname + ".lora_b", B.contiguous().numpy())
@@ -132,9 +168,12 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     # our own keys (llama.cpp ignores them): read back without the base
     writer.add_string("loratools.hf_names", json.dumps(names, separators=(",", ":")))
     if permute:
-        writer.add_uint32("loratools.n_head", int(base_config["num_attention_heads"]))
-        writer.add_uint32("loratools.n_head_kv", int(base_config.get("num_key_value_heads")
-                                                      or base_config["num_attention_heads"]))
+        n_head = _config_int(base_config, "num_attention_heads")
+        if n_head is None:
+            raise CorruptFileError(f"{source_of(base_config, 'the model config')}: num_attention_heads is missing; "
+                                   "llama.cpp's q/k layout needs it.", path=source_of(base_config))
+        writer.add_uint32("loratools.n_head", n_head)
+        writer.add_uint32("loratools.n_head_kv", _config_int(base_config, "num_key_value_heads") or n_head)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -142,74 +181,129 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     return [out / FILE]
 
 
+def _kv(reader: Any, key: str, f: Path) -> Any:
+    fld = reader.get_field(key)
+    if fld is None:
+        return None
+    try:
+        return fld.contents()
+    except Exception as e:  # the package's own reading of a damaged value
+        raise CorruptFileError(f"{f}: GGUF metadata {key} cannot be read ({type(e).__name__}).", path=f) from None
+
+
+def _number(value: Any, key: str, f: Path, *, integer: bool = False) -> Any:
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and not integer and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise CorruptFileError(f"{f}: GGUF metadata {key} must be {'an integer' if integer else 'a finite number'}, "
+                               f"not {clip(repr(value), 40)}.", path=f)
+    return value
+
+
+def _tensor(t: Any, f: Path) -> torch.Tensor:
+    kind = getattr(t.tensor_type, "name", str(t.tensor_type))
+    if kind not in FLOAT_TYPES:
+        raise UnsupportedAdapterError(f"{f}: tensor {clip(t.name)} is stored as {kind}; loratools reads F32, F16 "
+                                      "and F64 GGUF adapters.", path=f, tensor=t.name,
+                                      hint="Convert the adapter again without quantizing it.")
+    shape = [int(d) for d in reversed(t.shape)]
+    try:
+        data = np.asarray(t.data, dtype=FLOAT_TYPES[kind]).astype(np.float32).reshape(shape)
+    except ValueError:
+        raise CorruptFileError(f"{f}: tensor {clip(t.name)} does not hold {shape} values.", path=f,
+                               tensor=t.name) from None
+    out = torch.from_numpy(data)
+    check_finite(out, what=f"{f}: adapter tensor {clip(t.name)}", path=f)
+    return out
+
+
 def read(path: Path, *, base_config: dict | None = None, **_: Any) -> Adapter:
     gguf = _gguf()
     f = _file(path)
     try:
         reader = gguf.GGUFReader(str(f))
-    except Exception as e:  # the package raises ValueError / struct errors for broken files
-        raise AdapterFormatError(f"{f} is not a readable GGUF file: {e}.", path=f) from None
-
-    def field(key: str) -> Any:
-        fld = reader.get_field(key)
-        return None if fld is None else fld.contents()
-
-    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+    except Exception as e:  # the package raises ValueError / struct errors / … for broken files
+        raise CorruptFileError(f"{f} is not a readable GGUF file: {clip(' '.join(str(e).split()), 200)}.",
+                               path=f) from None
+    gtype, atype = _kv(reader, "general.type", f), _kv(reader, "adapter.type", f)
+    if gtype != "adapter" or atype != "lora":
         raise AdapterFormatError(f"{f} is a GGUF file but not a LoRA adapter (general.type = "
-                                 f"{field('general.type')!r}).", path=f)
-    alpha = float(field("adapter.lora.alpha") or 0.0)
-    hf_names = load_json(field("loratools.hf_names") or "{}", where=f, what="metadata loratools.hf_names")
+                                 f"{clip(repr(gtype), 60)}, adapter.type = {clip(repr(atype), 60)}).", path=f)
+    alpha = float(_number(_kv(reader, "adapter.lora.alpha", f) or 0.0, "adapter.lora.alpha", f))
+    names = _kv(reader, "loratools.hf_names", f)
+    if names is not None and not isinstance(names, str):
+        raise CorruptFileError(f"{f}: GGUF metadata loratools.hf_names must be a JSON string.", path=f)
+    hf_names = load_json(names or "{}", where=f, what="metadata loratools.hf_names")
+    bad = next((k for k, v in hf_names.items() if not (isinstance(v, str) and v.endswith(".weight"))), None)
+    if bad is not None:
+        raise CorruptFileError(f"{f}: metadata loratools.hf_names maps {clip(bad)} to {clip(repr(hf_names[bad]), 60)}, "
+                               "not a tensor name.", path=f)
     config = base_config or {}
-    arch = field("general.architecture")
-    permute = {gguf_name: p for gguf_name, p in ARCHS.values()}.get(arch, False)
-    n_head = field("loratools.n_head") or config.get("num_attention_heads")
-    n_head_kv = field("loratools.n_head_kv") or config.get("num_key_value_heads") or n_head
+    arch = _kv(reader, "general.architecture", f)
+    permute = {gguf_name: p for gguf_name, p in ARCHS.values()}.get(arch, False) if isinstance(arch, str) else False
+    n_head = _kv(reader, "loratools.n_head", f)
+    n_head = _number(n_head, "loratools.n_head", f, integer=True) if n_head is not None else \
+        _config_int(config, "num_attention_heads")
+    n_head_kv = _kv(reader, "loratools.n_head_kv", f)
+    n_head_kv = _number(n_head_kv, "loratools.n_head_kv", f, integer=True) if n_head_kv is not None else \
+        (_config_int(config, "num_key_value_heads") or n_head)
     by_name = {t.name: t for t in reader.tensors}
-    named, leftovers = group_keys(by_name, {".lora_a": "lora_a", ".lora_b": "lora_b"})
+    named, leftovers = group_keys(by_name, {".lora_a": "lora_a", ".lora_b": "lora_b"}, path=f)
     if leftovers:
-        raise AdapterFormatError(f"{f}: tensor(s) {', '.join(sorted(leftovers)[:8])} are not lora_a / lora_b "
-                                 "(llama.cpp would refuse them too).", path=f)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for stem, roles in named.items():
-        for role, key in roles.items():
-            t = by_name[key]
-            data = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]))
-            check_finite(data, what=f"adapter tensor {t.name}", path=f)
-            pairs.setdefault(stem, {})[role] = data
+        raise AdapterFormatError(f"{f}: tensor(s) {', '.join(clip(n) for n in sorted(leftovers)[:8])} are not "
+                                 "lora_a / lora_b (llama.cpp would refuse them too).", path=f)
     modules: dict[str, LoraModule] = {}
-    for gname, roles in sorted(pairs.items()):
+    for gname, roles in sorted(named.items()):
         if "lora_a" not in roles or "lora_b" not in roles:
-            raise AdapterFormatError(f"{f}: {gname} lacks lora_a or lora_b.", path=f)
-        A, B = roles["lora_a"], roles["lora_b"]
+            raise AdapterFormatError(f"{f}: {clip(gname)} lacks lora_a or lora_b.", path=f)
+        A, B = _tensor(by_name[roles["lora_a"]], f), _tensor(by_name[roles["lora_b"]], f)
         emb = gname.startswith("token_embd")
         if emb:
+            if A.dim() != 2:
+                check_rank(f, gname, tuple(A.shape), tuple(B.shape))
             A = A.T.contiguous()
-        r = int(A.shape[0])
-        target = hf_names.get(gname) or (_hf_name(gname, config) if config.get("model_type") in ARCHS else None)
+        r = check_rank(f, gname, tuple(A.shape), tuple(B.shape), what="lora_a / lora_b")
+        if A.dim() != 2 or B.dim() != 2 or int(B.shape[1]) != r:
+            raise AdapterFormatError(f"{f}: {clip(gname)} has lora_a {tuple(A.shape)} and lora_b {tuple(B.shape)}, "
+                                     "not a pair of matrices of one rank.", path=f, tensor=gname)
+        known = isinstance(config.get("model_type"), str) and config.get("model_type") in ARCHS
+        target = hf_names.get(gname) or (_hf_name(gname, config) if known else None)
         if target is None:
             raise AdapterFormatError(
-                f"{f}: the GGUF tensor {gname} cannot be mapped back to a Hugging Face name without the base.",
+                f"{f}: the GGUF tensor {clip(gname)} cannot be mapped back to a Hugging Face name without the base.",
                 path=f, hint="Pass the base model (--base) whose config.json gives the architecture.")
+        if target in modules:
+            raise AdapterFormatError(f"{f}: two GGUF tensor pairs map to {clip(target)}.", path=f, tensor=target)
         if permute and target.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = n_head if target.endswith("q_proj.weight") else n_head_kv
             if not heads:
-                raise AdapterFormatError(f"{f}: un-permuting {target} needs the base's head counts (--base).", path=f)
-            B = _permute(B, int(heads), inverse=True)
-        modules[target] = lowrank_module(target, A, B, alpha / r if alpha else 1.0, alpha or float(r), kind="embedding" if emb else "linear",
-                                     transposed=True if emb else False, source_keys=(gname + ".lora_a", gname + ".lora_b"))
-    return Adapter(modules=modules, meta={"format": NAME, "architecture": arch}, path=path, files=[f])
+                raise AdapterFormatError(f"{f}: un-permuting {clip(target)} needs the base's head counts (--base).",
+                                         path=f)
+            B = _permute(B, _check_heads(int(B.shape[0]), heads, where=f, what=f"un-permuting {clip(target)}"),
+                         inverse=True)
+        check_scale(f, gname, alpha / r if alpha else 1.0)
+        modules[target] = lowrank_module(target, A, B, alpha / r if alpha else 1.0, alpha or float(r),
+                                         kind="embedding" if emb else "linear", transposed=True if emb else False,
+                                         source_keys=(gname + ".lora_a", gname + ".lora_b"))
+    if not modules:
+        raise AdapterFormatError(f"{f} holds no lora_a / lora_b pairs.", path=f)
+    return Adapter(modules=modules, meta={"format": NAME, "architecture": arch if isinstance(arch, str) else None},
+                   path=path, files=[f])
 
 
 def _hf_name(gname: str, config: dict) -> str | None:
     """The HF tensor name of a GGUF name, by running the package's map over the names this
-    architecture has (no table of our own)."""
-    tmap, _, _ = _name_map(config)
-    n = int(config["num_hidden_layers"])
+    architecture has (no table of our own) — for the one block the name belongs to."""
+    block = re.match(r"blk\.(\d{1,6})\.", gname)
+    layer = int(block.group(1)) if block else None
+    tmap, _, _ = _name_map(config, (layer or 0) + 1)
+    total = _config_int(config, "num_hidden_layers")
     candidates = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
-    for i in range(n):
+    if layer is not None and layer < total:
         for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                     "mlp.up_proj", "mlp.down_proj"):
-            candidates.append(f"model.layers.{i}.{mod}.weight")
+            candidates.append(f"model.layers.{layer}.{mod}.weight")
     for c in candidates:
         if tmap.get_name(c, try_suffixes=(".weight",)) == gname:
             return c

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ..errors import AdapterFormatError
+from ..jsonio import clip
 
 __all__ = ["suffix_splitter", "group_keys", "refuse_leftovers"]
 
@@ -24,8 +25,8 @@ def suffix_splitter(suffixes: Mapping[str, str]) -> Callable[[str], tuple[str, s
     return split
 
 
-def group_keys(keys: Iterable[str], split: Callable[[str], tuple[str, str] | None] | Mapping[str, str]) -> tuple[
-        dict[str, dict[str, str]], list[str]]:
+def group_keys(keys: Iterable[str], split: Callable[[str], tuple[str, str] | None] | Mapping[str, str], *,
+               path: Path | None = None) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Keys grouped by module stem: ``{stem: {role: key}}``, and the keys no rule claims.
 
     ``split`` is a function key → (stem, role) | None, or a mapping suffix → role. A role seen
@@ -40,7 +41,9 @@ def group_keys(keys: Iterable[str], split: Callable[[str], tuple[str, str] | Non
             continue
         stem, role = parts
         if role in groups.get(stem, {}):
-            raise AdapterFormatError(f"{key} and {groups[stem][role]} are both the {role} of {stem}.", tensor=key)
+            place = f"{path}: " if path else ""
+            raise AdapterFormatError(f"{place}{clip(key)} and {clip(groups[stem][role])} are both the {role} of "
+                                     f"{clip(stem)}.", path=path, tensor=key)
         groups.setdefault(stem, {})[role] = key
     return groups, leftovers
 
@@ -50,5 +53,5 @@ def refuse_leftovers(leftovers: list[str], path: Path, *, what: str = "keys lora
     """Raise AdapterFormatError naming up to eight leftover keys (a reader consumes every key)."""
     if leftovers:
         names = sorted(leftovers)
-        raise AdapterFormatError(f"{path}: {len(names)} {what}: {', '.join(names[:8])}"
+        raise AdapterFormatError(f"{path}: {len(names)} {what}: {', '.join(clip(n) for n in names[:8])}"
                                  + (" …" if len(names) > 8 else "") + ".", path=path, hint=hint)

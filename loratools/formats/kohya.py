@@ -23,9 +23,10 @@ import torch
 
 from ..adapter import Adapter, LoraModule, lowrank_module
 from ..checkpoint.safetensors_io import read_header, save_tensors
-from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from ..jsonio import load_json
-from .common import alpha_of, component_of, default_component, load_groups, lowrank, most_common
+from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
+from ..jsonio import clip, load_json
+from .common import (alpha_of, check_rank, check_scale, component_of, default_component, fold_scale, load_groups,
+                     lowrank, most_common, scalar)
 from .keys import group_keys
 
 NAME = "kohya"
@@ -86,13 +87,21 @@ def split_stem(stem: str) -> tuple[str | None, str]:
     return None, stem
 
 
+def _targets(header_metadata: dict[str, str], f: Path) -> dict[str, str]:
+    """loratools' own record of the original module names (absent in files of other tools)."""
+    targets = load_json(header_metadata.get(TARGETS_KEY, "{}"), where=f, what=f"metadata {TARGETS_KEY}")
+    bad = next((k for k, v in targets.items() if not (isinstance(v, str) and v.endswith(".weight"))), None)
+    if bad is not None:
+        raise CorruptFileError(f"{f}: metadata {TARGETS_KEY} must map kohya names to tensor names (….weight); "
+                               f"{clip(bad)} maps to {clip(repr(targets[bad]), 60)}.", path=f)
+    return targets
+
+
 def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     f = _file(path)
     header = read_header(f)
-    targets = load_json(header.metadata.get(TARGETS_KEY, "{}"), where=f, what=f"metadata {TARGETS_KEY}")
-    if not all(isinstance(v, str) for v in targets.values()):
-        raise AdapterFormatError(f"{f}: metadata {TARGETS_KEY} must map names to names.", path=f)
-    named, others = group_keys(header.tensors, _split)
+    targets = _targets(header.metadata, f)
+    named, others = group_keys(header.tensors, _split, path=f)
     groups = load_groups(header, named, f)
     unsupported = [k for k in others if k.endswith(UNSUPPORTED)]
     leftovers = [k for k in others if not k.endswith(UNSUPPORTED)]
@@ -105,7 +114,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     if unsupported or leftovers:
         names = sorted(unsupported + leftovers)
         msg = (f"{f}: {len(names)} key(s) are not LoRA down/up pairs loratools can apply (LoHa, LoKr, lora_mid, "
-               f"full diffs…): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}.")
+               f"full diffs…): {', '.join(clip(n) for n in names[:8])}{' …' if len(names) > 8 else ''}.")
         if not allow_skip:
             raise AdapterFormatError(msg, path=f, hint="Nothing was written. --allow-skip applies the rest and reports "
                                      "what was left out.")
@@ -114,34 +123,11 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     for stem, roles in sorted(groups.items()):
         if "down" not in roles or "up" not in roles:
             continue
-        (_, down), (uk, up) = roles["down"], roles["up"]
-        r = int(down.shape[0])
-        if int(up.shape[1]) != r:
-            raise AdapterFormatError(f"{f}: {stem} has rank {r} in lora_down and {up.shape[1]} in lora_up.",
-                                     path=f, tensor=stem)
-        if any(int(s) != 1 for s in up.shape[2:]):
-            raise UnsupportedAdapterError(f"{f}: {uk} has a {tuple(up.shape[2:])} kernel; only 1×1 lora_up is a "
-                                          "plain low-rank delta (is this a LoCon with lora_mid?).", path=f)
-        alpha = float(roles["alpha"][1].reshape(-1)[0]) if "alpha" in roles else 0.0
-        if alpha == 0.0:
-            alpha = float(r)  # kohya: a missing or zero alpha means alpha = rank
-        kernel = tuple(int(s) for s in down.shape[2:])
-        magnitude = None
-        per_input = False
-        if "dora" in roles:
-            d = roles["dora"][1]
-            if d.dim() == 2 and d.shape[1] == 1 and d.shape[0] == up.shape[0]:
-                magnitude = d.reshape(-1)
-            elif d.dim() == 2 and d.shape[0] == 1:
-                magnitude, per_input = d.reshape(-1), True
-            else:
-                magnitude = d.reshape(-1)
-        component, flat = split_stem(stem)
-        target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
-        modules[target] = lowrank_module(
-            target, down.reshape(r, -1), up.reshape(up.shape[0], r), alpha / r, alpha, kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
-            dora_per_input=per_input, source_keys=tuple(k for k, _ in roles.values()),
-        )
+        target, module = _module(f, stem, roles, targets)
+        if target in modules:
+            raise AdapterFormatError(f"{f}: two kohya modules name the same target {clip(target)}.", path=f,
+                                     tensor=target)
+        modules[target] = module
     if not modules:
         raise AdapterFormatError(f"{f} holds no lora_down / lora_up pairs.", path=f)
     meta = dict(header.metadata)
@@ -150,6 +136,41 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
         meta={"format": NAME, "flat_names": not targets, "base_model": meta.get("ss_sd_model_name"),
               "metadata": {k: v for k, v in meta.items() if k.startswith("ss_")}},
         warnings=warnings, path=path, files=[f],
+    )
+
+
+def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targets: dict[str, str]) -> tuple[
+        str, LoraModule]:
+    """One down/up pair (with its alpha and DoRA scale) as a module."""
+    (_, down), (uk, up) = roles["down"], roles["up"]
+    r = check_rank(f, stem, tuple(down.shape), tuple(up.shape), what="lora_down / lora_up")
+    if int(up.shape[1]) != r:
+        raise AdapterFormatError(f"{f}: {clip(stem)} has rank {r} in lora_down and {up.shape[1]} in lora_up.",
+                                 path=f, tensor=stem)
+    if any(int(s) != 1 for s in up.shape[2:]):
+        raise UnsupportedAdapterError(f"{f}: {clip(uk)} has a {tuple(up.shape[2:])} kernel; only 1×1 lora_up is a "
+                                      "plain low-rank delta (is this a LoCon with lora_mid?).", path=f)
+    alpha = scalar(roles["alpha"][1], roles["alpha"][0], f) if "alpha" in roles else 0.0
+    if alpha == 0.0:
+        alpha = float(r)  # kohya: a missing or zero alpha means alpha = rank
+    check_scale(f, stem, alpha, what="alpha")
+    kernel = tuple(int(s) for s in down.shape[2:])
+    magnitude = None
+    per_input = False
+    if "dora" in roles:
+        d = roles["dora"][1]
+        if d.dim() == 2 and d.shape[1] == 1 and d.shape[0] == up.shape[0]:
+            magnitude = d.reshape(-1)
+        elif d.dim() == 2 and d.shape[0] == 1:
+            magnitude, per_input = d.reshape(-1), True
+        else:
+            magnitude = d.reshape(-1)
+    component, flat = split_stem(stem)
+    target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
+    return target, lowrank_module(
+        target, down.reshape(r, -1), up.reshape(up.shape[0], r), alpha / r, alpha,
+        kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
+        dora_per_input=per_input, source_keys=tuple(k for k, _ in roles.values()),
     )
 
 
@@ -171,6 +192,8 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     components = {component_of(t)[0] for t in adapter.modules}
     default = default_component(base_config)
     for target, m in sorted(adapter.modules.items()):
+        if alpha_of(m) == 0.0:  # kohya reads alpha 0 as alpha = rank: a zero scale goes into B instead
+            m = fold_scale(m, 1.0)
         stem = stem_for(target, components, default)
         if stem in targets:
             raise UnsupportedAdapterError(f"{target} and {targets[stem]} flatten to the same kohya name {stem}.")

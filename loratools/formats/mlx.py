@@ -21,8 +21,8 @@ import torch
 from ..adapter import Adapter, lowrank_module
 from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from ..jsonio import get_field, read_json
-from .common import fold_scale, load_groups, lowrank, most_common, pad_rank
+from ..jsonio import clip, get_field, read_json
+from .common import check_rank, check_scale, fold_scale, load_groups, lowrank, most_common, pad_rank
 from .keys import group_keys, refuse_leftovers
 
 NAME = "mlx"
@@ -43,22 +43,36 @@ def read(path: Path, **_: object) -> Adapter:
     folder = path if path.is_dir() else path.parent
     if not (folder / WEIGHTS).is_file():
         raise AdapterNotFoundError(f"{folder} has no {WEIGHTS}.", path=folder)
-    cfg = read_json(folder / CONFIG, what="the adapter config")
-    kind = cfg.get("fine_tune_type", "lora")
+    config = folder / CONFIG
+    cfg = read_json(config, what="the adapter config")
+    kind = get_field(cfg, "fine_tune_type", str, "lora", where=config)
     if kind not in ("lora", "dora"):
-        raise UnsupportedAdapterError(f"{folder}: fine_tune_type {kind!r} is not a LoRA adapter.", path=folder)
-    params = get_field(cfg, "lora_parameters", dict, {}, where=folder / CONFIG)
-    scale = get_field(params, "scale", float, 20.0, where=folder / CONFIG, what="lora_parameters")  # mlx-lm's default
+        raise UnsupportedAdapterError(f"{folder}: fine_tune_type {clip(repr(kind))} is not a LoRA adapter.",
+                                      path=folder)
+    params = get_field(cfg, "lora_parameters", dict, {}, where=config)
+    scale = get_field(params, "scale", float, 20.0, where=config, what="lora_parameters",  # mlx-lm's default
+                      must="a finite number")
+    base_model = get_field(cfg, "model", str, None, where=config)
     header = read_header(folder / WEIGHTS)
-    named, leftovers = group_keys(header.tensors, {".lora_a": "lora_a", ".lora_b": "lora_b", ".m": "m"})
+    named, leftovers = group_keys(header.tensors, {".lora_a": "lora_a", ".lora_b": "lora_b", ".m": "m"},
+                                  path=folder / WEIGHTS)
     refuse_leftovers(leftovers, folder / WEIGHTS)
     groups = load_groups(header, named, folder / WEIGHTS)
     modules = {}
     for module, roles in sorted(groups.items()):
         if "lora_a" not in roles or "lora_b" not in roles:
-            raise AdapterFormatError(f"{folder}: {module} lacks lora_a or lora_b.", path=folder, tensor=module)
+            raise AdapterFormatError(f"{folder}: {clip(module)} lacks lora_a or lora_b.", path=folder, tensor=module)
         a, b = roles["lora_a"][1], roles["lora_b"][1]
-        r = int(a.shape[1])
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterFormatError(f"{folder / WEIGHTS}: {clip(module)} has lora_a {tuple(a.shape)} and lora_b "
+                                     f"{tuple(b.shape)}; MLX factors are matrices.", path=folder / WEIGHTS,
+                                     tensor=module)
+        r = check_rank(folder / WEIGHTS, module, tuple(a.shape), tuple(b.shape), rank_axis=1,
+                       what="lora_a / lora_b")
+        if int(b.shape[0]) != r:
+            raise AdapterFormatError(f"{folder / WEIGHTS}: {clip(module)} has rank {r} in lora_a and {b.shape[0]} in "
+                                     "lora_b.", path=folder / WEIGHTS, tensor=module)
+        check_scale(folder / CONFIG, module, scale * r, what="alpha (lora_parameters scale × rank)")
         emb = module.rsplit(".", 1)[-1] in EMBEDDINGS
         target = module + ".weight"
         modules[target] = lowrank_module(
@@ -66,7 +80,9 @@ def read(path: Path, **_: object) -> Adapter:
             magnitude=roles["m"][1].reshape(-1) if "m" in roles else None,
             source_keys=tuple(k for k, _ in roles.values()),
         )
-    return Adapter(modules=modules, meta={"format": NAME, "config": cfg, "base_model": cfg.get("model")},
+    if not modules:
+        raise AdapterFormatError(f"{folder / WEIGHTS} holds no lora_a / lora_b pairs.", path=folder / WEIGHTS)
+    return Adapter(modules=modules, meta={"format": NAME, "config": cfg, "base_model": base_model},
                    path=path, files=[folder / CONFIG, folder / WEIGHTS])
 
 

@@ -14,9 +14,11 @@ import torch
 
 from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
 from ..checkpoint.reader import load_state_dict
-from ..checkpoint.safetensors_io import save_tensors
-from .common import alpha_of, lowrank
-from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config
+from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
+from ..errors import AdapterFormatError
+from ..jsonio import clip
+from .common import alpha_of, check_factor, lowrank
+from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
 
 __all__ = ["NAME", "detect", "read", "write"]  # detect comes from the torch-free layout module
@@ -24,10 +26,22 @@ __all__ = ["NAME", "detect", "read", "write"]  # detect comes from the torch-fre
 def read(path: Path, **_: object) -> Adapter:
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
-    sd = load_state_dict(weights)
+    if weights.suffix == ".safetensors":  # the plan (and its refusals) from the header, before any tensor is read
+        header = read_header(weights)
+        plan = plan_state_dict(cfg, config_path, weights, {k: t.shape for k, t in header.tensors.items()})
+        sd = {} if not plan.modules and not plan.replacements else load_tensors(list(header.tensors.values()))
+    else:
+        sd = load_state_dict(weights)
+        plan = plan_state_dict(cfg, config_path, weights, {k: tuple(t.shape) for k, t in sd.items()})
+    settings = plan.settings or read_settings(cfg, config_path)
+    if not plan.modules and not plan.replacements:
+        raise AdapterFormatError(f"{weights} holds no tensors: an empty adapter.", path=weights)
+    factors = {key for spec in plan.modules for key in spec.keys.values()}
     for key, t in sd.items():
-        check_finite(t, what=f"adapter tensor {key}", path=weights)
-    plan = plan_state_dict(cfg, config_path, weights, {k: tuple(t.shape) for k, t in sd.items()})
+        if key in factors:
+            check_factor(t, key, weights)
+        else:
+            check_finite(t, what=f"{weights}: adapter tensor {clip(key)}", path=weights)
     modules: dict[str, LoraModule] = {}
     for spec in plan.modules:
         A, B = sd[spec.a_key], sd[spec.b_key]
@@ -52,8 +66,8 @@ def read(path: Path, **_: object) -> Adapter:
         meta={
             "format": NAME,
             "config": cfg,
-            "base_model": cfg.get("base_model_name_or_path"),
-            "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+            "base_model": settings.base_model,
+            "fan_in_fan_out": settings.fan_in_fan_out,
             "base_copies": plan.base_copies,
         },
         warnings=plan.warnings,

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
-from ..jsonio import get_field, read_json
+from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
+from ..jsonio import clip, get_field, read_json
 from .keys import group_keys, refuse_leftovers
+from .patterns import BUDGET_SECONDS, MAX_PATTERN, Pattern, compile_pattern, first_match, pattern_keys, time_limit
 
 NAME = "peft"
 CONFIG = "adapter_config.json"
@@ -77,38 +78,137 @@ KNOWN_KEYS = {
     "lora_ga_config",
 } | set(REFUSED_FEATURES)
 
-def get_pattern_key(pattern_keys: list[str], module_name: str) -> str | None:
-    """PEFT's rule: the first key in dict order with ``(.*\\.)?(key)$`` matching the module name."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
+@dataclass(frozen=True)
+class Settings:
+    """The fields of a PEFT config that loratools uses, each checked (``jsonio.get_field``) and
+    every regex compiled within its cost bound (``patterns.py``)."""
+
+    peft_type: str
+    r: int
+    alpha: float
+    rslora: bool
+    fan_in_fan_out: bool
+    use_dora: bool
+    init: bool | str
+    base_model: str | None
+    task_type: str | None
+    all_modules: bool  # target_modules absent or "all-linear": every module of the weights is targeted
+    target_regex: re.Pattern[str] | None  # target_modules as a string: fullmatch on the module name
+    target_names: frozenset[str]  # target_modules as a list: the name or a ".name" suffix
+    target_longest: int
+    layers: frozenset[int] | None  # layers_to_transform
+    layer_patterns: tuple[re.Pattern[str], ...]  # layers_pattern, compiled as PEFT uses it
+    rank_pattern: tuple[Pattern, ...]
+    ranks: dict[str, int]
+    alpha_pattern: tuple[Pattern, ...]
+    alphas: dict[str, float]
 
 
-def module_is_targeted(cfg: dict[str, Any], name: str) -> bool:
-    """PEFT's ``check_target_module_exists`` for the config keys that select modules."""
-    targets = cfg.get("target_modules")
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        found = targets == "all-linear" or re.fullmatch(targets, name) is not None
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def read_settings(cfg: dict[str, Any], where: Path) -> Settings:
+    """Every config field loratools reads, checked; a CorruptFileError names the file and field."""
+    def field(key: str, kind: Any, default: Any = None, **kw: Any) -> Any:
+        return get_field(cfg, key, kind, default, where=where, **kw)
+
+    for key, must in (("r", "a positive integer"), ("lora_alpha", "a finite number")):
+        if key in cfg and cfg[key] is None:  # PEFT computes lora_alpha / r: an explicit null is no default
+            raise CorruptFileError(f"{where}: config field {key!r} is not valid: it must be {must}, not null.",
+                                   path=where)
+    peft_type = field("peft_type", str, "")
+    targets = field("target_modules", (str, list), None, check=_strings, must="a string or a list of strings")
+    layers = field("layers_to_transform", (int, list), None,
+                   check=lambda v: _is_int(v) or all(_is_int(x) for x in v), must="an integer or a list of integers")
+    layers_pattern = field("layers_pattern", (str, list), None, check=_strings, must="a string or a list of strings")
+    rank_pattern: dict[str, Any] = field("rank_pattern", dict, {})
+    alpha_pattern: dict[str, Any] = field("alpha_pattern", dict, {})
+    for patterns, what, kind, must in ((rank_pattern, "rank_pattern", int, "a positive integer"),
+                                       (alpha_pattern, "alpha_pattern", float, "a finite number")):
+        for key in patterns:
+            if patterns[key] is None:
+                raise CorruptFileError(f"{where}: {what} field {clip(repr(key))} is not valid: it must be {must}, "
+                                       "not null.", path=where)
+            get_field(patterns, key, kind, where=where, what=what, must=must,
+                      check=(lambda v: v > 0) if kind is int else None)
+    target_regex = None
+    names: list[str] = []
+    if isinstance(targets, str) and targets != "all-linear":
+        target_regex = compile_pattern(targets, where=where, what="target_modules")
+    elif isinstance(targets, list):
+        names = targets
+        too_long = next((t for t in names if len(t) > MAX_PATTERN), None)
+        if too_long is not None:
+            raise CorruptFileError(f"{where}: target_modules holds a name of {len(too_long)} characters "
+                                   f"({clip(too_long)}); module names are shorter than {MAX_PATTERN}.", path=where)
+    if layers is not None and layers_pattern is not None:
+        lp = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        compiled = tuple(compile_pattern(p, where=where, what="layers_pattern", template=r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+                         for p in lp)
     else:
-        found = name in targets or any(name.endswith(f".{t}") for t in targets)
-    layers = cfg.get("layers_to_transform")
-    if found and layers not in (None, []):
-        pattern = cfg.get("layers_pattern")
-        patterns = [pattern] if isinstance(pattern, str) else (pattern or [])
+        compiled = ()
+    return Settings(
+        peft_type=peft_type,
+        r=field("r", int, 8, check=lambda v: v > 0, must="a positive integer"),
+        alpha=field("lora_alpha", float, 8.0, must="a finite number"),
+        rslora=field("use_rslora", bool, False),
+        fan_in_fan_out=field("fan_in_fan_out", bool, False),
+        use_dora=field("use_dora", bool, False),
+        init=field("init_lora_weights", (bool, str), True),
+        base_model=field("base_model_name_or_path", str, None),
+        task_type=field("task_type", str, None),
+        all_modules=targets is None or targets == "all-linear",
+        target_regex=target_regex,
+        target_names=frozenset(names),
+        target_longest=max((len(t) for t in names), default=0),
+        layers=None if layers in (None, []) else frozenset([layers] if isinstance(layers, int) else layers),
+        layer_patterns=compiled,
+        rank_pattern=tuple(pattern_keys(list(rank_pattern), where=where, what="rank_pattern")),
+        ranks={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern=tuple(pattern_keys(list(alpha_pattern), where=where, what="alpha_pattern")),
+        alphas={k: float(v) for k, v in alpha_pattern.items()},
+    )
+
+
+_DEFAULT_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def _names_target(s: Settings, name: str) -> bool:
+    """``name in target_modules or any(name.endswith("." + t))``, in time linear in the name."""
+    if name in s.target_names:
+        return True
+    i = name.rfind(".", 0, len(name))
+    while i >= 0 and len(name) - i - 1 <= s.target_longest:
+        if name[i + 1:] in s.target_names:
+            return True
+        i = name.rfind(".", 0, i)
+    return False
+
+
+def module_is_targeted(s: Settings, name: str) -> bool:
+    """PEFT's ``check_target_module_exists`` for the config keys that select modules."""
+    if s.all_modules:
+        found = True
+    elif s.target_regex is not None:
+        found = s.target_regex.fullmatch(name) is not None
+    else:
+        found = _names_target(s, name)
+    if found and s.layers is not None:
         match = None
-        if not patterns:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        for p in patterns:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+        if not s.layer_patterns:
+            match = _DEFAULT_LAYER.match(name)
+        for p in s.layer_patterns:
+            match = p.match(name)
             if match:
                 break
-        if match is None:
+        if match is None or len(match.group("idx")) > 18:  # no layer index (or no plausible one)
             return False
-        idx = int(match.group("idx"))
-        found = idx == layers if isinstance(layers, int) else idx in layers
+        found = int(match.group("idx")) in s.layers
     return found
 
 
@@ -151,20 +251,20 @@ def read_config(config_path: Path) -> dict[str, Any]:
     return cfg
 
 
-def check_mergeable(cfg: dict[str, Any], config_path: Path) -> list[str]:
+def check_mergeable(cfg: dict[str, Any], config_path: Path, settings: Settings | None = None) -> list[str]:
     """Refuse configs whose adapters are not W + s·B@A; return warnings for unknown keys."""
-    if str(cfg.get("peft_type")).upper() != "LORA":
+    s = settings or read_settings(cfg, config_path)
+    if s.peft_type.upper() != "LORA":
         raise UnsupportedAdapterError(
-            f"{config_path}: peft_type {cfg.get('peft_type')!r} is not supported; loratools reads LoRA adapters.",
+            f"{config_path}: peft_type {clip(repr(s.peft_type))} is not supported; loratools reads LoRA adapters.",
             path=config_path,
         )
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str):
+    if isinstance(s.init, str):
         for prefix, why in NOT_A_DELTA_INIT.items():
-            if init.lower().startswith(prefix):
+            if s.init.lower().startswith(prefix):
                 raise UnsupportedAdapterError(
-                    f"{config_path}: init_lora_weights={init!r}: {why}, so the adapter is not a delta on the "
-                    "original base and merging it would give a wrong model.",
+                    f"{config_path}: init_lora_weights={clip(repr(s.init))}: {why}, so the adapter is not a delta on "
+                    "the original base and merging it would give a wrong model.",
                     path=config_path,
                     hint="Convert it to a plain LoRA first: PEFT's save_pretrained(..., "
                     "path_initial_model_for_weight_conversion=...) writes the equivalent plain adapter.",
@@ -175,7 +275,8 @@ def check_mergeable(cfg: dict[str, Any], config_path: Path) -> list[str]:
     unknown = sorted(set(cfg) - KNOWN_KEYS - {"lora_parameters"})
     unknown = [k for k in unknown if cfg[k] not in (None, False, {}, [])]
     if unknown:
-        return [f"{config_path.name}: ignoring config keys loratools does not know: {', '.join(unknown)}"]
+        shown = ", ".join(clip(k) for k in unknown[:8]) + (f" … ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        return [f"{config_path.name}: ignoring config keys loratools does not know: {shown}"]
     return []
 
 
@@ -201,6 +302,7 @@ class StateDictPlan:
     replacements: dict[str, str] = field(default_factory=dict)  # target name → key
     base_copies: list[str] = field(default_factory=list)  # PEFT's copies of base tensors
     warnings: list[str] = field(default_factory=list)
+    settings: Settings | None = None
 
 
 def _split_keys(keys: list[str], weights: Path, plan: StateDictPlan) -> dict[str, dict[str, str]]:
@@ -213,7 +315,7 @@ def _split_keys(keys: list[str], weights: Path, plan: StateDictPlan) -> dict[str
                 return name[: -len(suffix)], role
         return None
 
-    groups, others = group_keys(keys, split)
+    groups, others = group_keys(keys, split, path=weights)
     leftovers: list[str] = []
     for key in others:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -237,7 +339,7 @@ def _target_kind(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], 
     if len(a_shape) > 2:
         if any(int(s) != 1 for s in b_shape[2:]):
             raise UnsupportedAdapterError(
-                f"{weights}: conv module {name} has a lora_B kernel {tuple(b_shape[2:])}; only 1×1 lora_B "
+                f"{weights}: conv module {clip(name)} has a lora_B kernel {tuple(b_shape[2:])}; only 1×1 lora_B "
                 "convs are a plain low-rank delta.",
                 path=weights,
             )
@@ -245,66 +347,96 @@ def _target_kind(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], 
     return "linear", (True if fan_in_fan_out else None), ()
 
 
+def _shape_problem(a_shape: tuple[int, ...], b_shape: tuple[int, ...], emb: bool) -> str | None:
+    """What makes a factor pair's shapes impossible for PEFT, or None."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return "LoRA factors are matrices"
+    if emb and (len(a_shape) != 2 or len(b_shape) != 2):
+        return "embedding factors are matrices"
+    if len(a_shape) == 2 and len(b_shape) != 2:
+        return "a linear lora_A goes with a 2-D lora_B"
+    if len(a_shape) > 2 and len(b_shape) not in (2, len(a_shape)):
+        return "a conv lora_B has the dimensions of its lora_A"
+    if a_shape[0] == 0:
+        return "a LoRA of rank 0 has no factors"
+    if 0 in a_shape or 0 in b_shape:
+        return "a factor with a dimension of 0 changes nothing"
+    return None
+
+
 def plan_state_dict(cfg: dict[str, Any], config_path: Path, weights: Path,
                     shapes: Mapping[str, tuple[int, ...]]) -> StateDictPlan:
     """What every key of a PEFT file is, from the config and the tensors' shapes (in file order)."""
-    plan = StateDictPlan(warnings=check_mergeable(cfg, config_path))
+    settings = read_settings(cfg, config_path)
+    plan = StateDictPlan(warnings=check_mergeable(cfg, config_path, settings), settings=settings)
     parts = _split_keys(list(shapes), weights, plan)
-    rank_pattern: dict[str, int] = get_field(cfg, "rank_pattern", dict, {}, where=config_path)
-    alpha_pattern: dict[str, float] = get_field(cfg, "alpha_pattern", dict, {}, where=config_path)
+
+    def too_slow() -> Exception:
+        return CorruptFileError(
+            f"{config_path}: matching target_modules / layers_pattern / rank_pattern / alpha_pattern against the "
+            f"module names took more than {BUDGET_SECONDS:g} s; a pattern backtracks catastrophically.",
+            path=config_path, hint="Use module names (e.g. q_proj) instead of regular expressions in the config.")
+
+    with time_limit(too_slow):
+        modules, untargeted, used_rank, used_alpha = _plan_modules(settings, parts, config_path, weights, shapes)
+    plan.modules += modules
+    if untargeted:
+        raise AdapterFormatError(
+            f"{config_path}: the weights hold modules that target_modules / layers_to_transform do not select: "
+            f"{', '.join(clip(u) for u in untargeted[:6])}{' …' if len(untargeted) > 6 else ''}.",
+            path=config_path,
+            hint="PEFT would silently skip them. Fix target_modules in adapter_config.json if they belong to the adapter.",
+        )
+    plan.warnings += [f"rank_pattern key {clip(repr(p.key))} matches no module of the adapter"
+                      for p in settings.rank_pattern[:20] if p.key not in used_rank]
+    plan.warnings += [f"alpha_pattern key {clip(repr(p.key))} matches no module of the adapter"
+                      for p in settings.alpha_pattern[:20] if p.key not in used_alpha]
+    if settings.use_dora and not any("magnitude" in m.keys for m in plan.modules):
+        plan.warnings.append("use_dora is set but the weights hold no lora_magnitude_vector; merging as plain LoRA")
+    return plan
+
+
+def _plan_modules(s: Settings, parts: dict[str, dict[str, str]], config_path: Path, weights: Path,
+                  shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[ModuleSpec], list[str], set[str], set[str]]:
+    modules: list[ModuleSpec] = []
     used_rank: set[str] = set()
     used_alpha: set[str] = set()
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     untargeted: list[str] = []
     for name, roles in sorted(parts.items()):
         emb = "A_emb" in roles or "B_emb" in roles
         a_role, b_role = ("A_emb", "B_emb") if emb else ("A", "B")
         if a_role not in roles or b_role not in roles:
-            have = ", ".join(roles.values())
+            have = ", ".join(clip(k) for k in roles.values())
             raise AdapterFormatError(
-                f"{weights}: module {name} has an incomplete LoRA pair (found {have}).", path=weights, tensor=name
-            )
-        if not module_is_targeted(cfg, name):
+                f"{weights}: module {clip(name)} has an incomplete LoRA pair (found {have}).", path=weights,
+                tensor=name)
+        if not module_is_targeted(s, name):
             untargeted.append(name)
         a_shape, b_shape = tuple(shapes[roles[a_role]]), tuple(shapes[roles[b_role]])
-        if len(a_shape) < 2 or len(b_shape) < 2:
-            raise AdapterFormatError(f"{weights}: module {name} has factors of shapes {a_shape} and {b_shape}; "
-                                     "LoRA factors are matrices.", path=weights, tensor=name)
+        problem = _shape_problem(a_shape, b_shape, emb)
+        if problem:
+            raise AdapterFormatError(f"{weights}: module {clip(name)} has factors of shapes {a_shape} and {b_shape}; "
+                                     f"{problem}.", path=weights, tensor=name)
         r = int(a_shape[0])
-        rkey = get_pattern_key(list(rank_pattern), name)
-        akey = get_pattern_key(list(alpha_pattern), name)
+        rkey = first_match(s.rank_pattern, name)
+        akey = first_match(s.alpha_pattern, name)
         if rkey is not None:
             used_rank.add(rkey)
         if akey is not None:
             used_alpha.add(akey)
-        cfg_r = (get_field(rank_pattern, rkey, int, where=config_path, what="rank_pattern") if rkey is not None
-                 else get_field(cfg, "r", int, 8, where=config_path))
-        alpha = (get_field(alpha_pattern, akey, float, where=config_path, what="alpha_pattern") if akey is not None
-                 else get_field(cfg, "lora_alpha", float, 8.0, where=config_path))
-        if int(b_shape[1]) != r or cfg_r != r or r == 0:
+        cfg_r = s.ranks[rkey] if rkey is not None else s.r
+        alpha = s.alphas[akey] if akey is not None else s.alpha
+        if int(b_shape[1]) != r or cfg_r != r:
             raise AdapterFormatError(
-                f"{weights}: module {name} has rank {r} in lora_A and {b_shape[1]} in lora_B, "
+                f"{weights}: module {clip(name)} has rank {r} in lora_A and {b_shape[1]} in lora_B, "
                 f"the config says r={cfg_r}.",
                 path=weights,
                 tensor=name,
                 hint="PEFT itself would refuse to load this adapter; the config and weights do not belong together.",
             )
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        kind, transposed, kernel = _target_kind(name, a_shape, b_shape, emb=emb, fan_in_fan_out=fan_in_fan_out,
+        scale = alpha / math.sqrt(r) if s.rslora else alpha / r
+        kind, transposed, kernel = _target_kind(name, a_shape, b_shape, emb=emb, fan_in_fan_out=s.fan_in_fan_out,
                                                 weights=weights)
-        plan.modules.append(ModuleSpec(name, dict(roles), r, alpha, scale, kind, transposed, kernel,
-                                       roles[a_role], roles[b_role]))
-    if untargeted:
-        raise AdapterFormatError(
-            f"{config_path}: the weights hold modules that target_modules / layers_to_transform do not select: "
-            f"{', '.join(untargeted[:6])}{' …' if len(untargeted) > 6 else ''}.",
-            path=config_path,
-            hint="PEFT would silently skip them. Fix target_modules in adapter_config.json if they belong to the adapter.",
-        )
-    plan.warnings += [f"rank_pattern key {k!r} matches no module of the adapter" for k in rank_pattern
-                      if k not in used_rank]
-    plan.warnings += [f"alpha_pattern key {k!r} matches no module of the adapter" for k in alpha_pattern
-                      if k not in used_alpha]
-    if cfg.get("use_dora") and not any("magnitude" in m.keys for m in plan.modules):
-        plan.warnings.append("use_dora is set but the weights hold no lora_magnitude_vector; merging as plain LoRA")
-    return plan
+        modules.append(ModuleSpec(name, dict(roles), r, alpha, scale, kind, transposed, kernel,
+                                  roles[a_role], roles[b_role]))
+    return modules, untargeted, used_rank, used_alpha

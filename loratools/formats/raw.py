@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, check_finite, lowrank_module
+from ..adapter import Adapter, LoraModule, lowrank_module
 from ..checkpoint.reader import PICKLE_SUFFIXES, load_state_dict
 from ..checkpoint.safetensors_io import read_header
 from ..errors import AdapterFormatError, AdapterNotFoundError, LayoutAmbiguousError, UnsupportedAdapterError
+from ..jsonio import clip
 from ..layout import PAIRS, split_key
+from .common import check_factor, check_rank, check_scale
 from .keys import group_keys
 
 NAME = "raw"
@@ -49,7 +51,7 @@ def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Ten
     if xy and yx:
         if X.shape[0] == X.shape[1]:
             raise LayoutAmbiguousError(
-                f"LoRA factors {x[0]} {tuple(X.shape)} and {y[0]} {tuple(Y.shape)} are square: their rank and "
+                f"LoRA factors {clip(x[0])} {tuple(X.shape)} and {clip(y[0])} {tuple(Y.shape)} are square: their rank and "
                 "order cannot be told from shapes.",
                 tensor=prefix,
                 hint="loratools reads low-rank factors; square factors are not a LoRA pair.",
@@ -61,7 +63,7 @@ def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Ten
     if yx:
         return y, x
     raise AdapterFormatError(
-        f"LoRA factors {x[0]} {tuple(X.shape)} and {y[0]} {tuple(Y.shape)} share no dimension: they cannot be "
+        f"LoRA factors {clip(x[0])} {tuple(X.shape)} and {clip(y[0])} {tuple(Y.shape)} share no dimension: they cannot be "
         "multiplied in either order.",
         tensor=prefix,
     )
@@ -89,19 +91,25 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
         for key, t in (x, y):
             if t.dim() != 2:
                 raise UnsupportedAdapterError(
-                    f"{path}: {key} has shape {tuple(t.shape)}; raw factor pairs must be 2-D matrices.",
+                    f"{path}: {clip(key)} has shape {tuple(t.shape)}; raw factor pairs must be 2-D matrices.",
                     path=path,
                     tensor=key,
                 )
-            check_finite(t, what=f"adapter tensor {key}", path=path)
-        first, second = order_pair(prefix, x, y)
+            check_factor(t, key, path)
+        check_rank(path, prefix or "the file's factors", tuple(x[1].shape), tuple(y[1].shape))
+        try:
+            first, second = order_pair(prefix, x, y)
+        except AdapterFormatError as e:
+            raise AdapterFormatError(f"{path}: {e.message}", path=path, tensor=e.tensor, hint=e.hint) from None
+        except LayoutAmbiguousError as e:
+            raise LayoutAmbiguousError(f"{path}: {e.message}", path=path, tensor=e.tensor, hint=e.hint) from None
         B, A = first[1], second[1]
         target = f"{prefix}.weight" if prefix else "weight"
         modules[target] = lowrank_module(
             target,
             A,
             B,
-            float(scale),
+            check_scale(path, prefix or "the file's factors", float(scale)),
             None,
             kind="linear",
             transposed=None,
@@ -109,7 +117,7 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
         )
     if leftovers:
         raise AdapterFormatError(
-            f"{path}: LoRA factor tensors without a partner: {', '.join(sorted(leftovers)[:8])}.",
+            f"{path}: LoRA factor tensors without a partner: {', '.join(clip(k) for k in sorted(leftovers)[:8])}.",
             path=path,
             hint="Factors are paired by a common prefix and the names " + ", ".join("/".join(p) for p in PAIRS) + ".",
         )

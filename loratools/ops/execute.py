@@ -58,7 +58,7 @@ def _blocks_apply(src: torch.Tensor, t: TensorPlan, edits: list[Edit], *, out_dt
                                                                  else block).all()):
             had = "" if bool(torch.isfinite(src[i:j].float()).all()) else " (the input tensor already held non-finite values)"
             raise NonFiniteError(
-                f"{operation} would write NaN or Inf into {t.name}{had}.",
+                f"{operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
                 tensor=t.name,
                 hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
                 "nothing was written.",

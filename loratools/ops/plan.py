@@ -230,7 +230,14 @@ def build_plan(
             out_dtype = info.dtype
             if dtype is not None and BY_ST[info.dtype].floating:
                 out_dtype = st_name(dtype)
-            tensor_plans[name] = TensorPlan(name, info, out_dtype, ops.get(name, []))
+            edits = ops.get(name, [])
+            if edits and not BY_ST[info.dtype].floating and not all(e.replaces for e in edits):
+                raise UnsupportedAdapterError(
+                    f"{name} in {info.file} is stored as {info.dtype}, not as floating point: an adapter cannot be "
+                    "added to it.", path=info.file, tensor=name,
+                    hint="The adapter targets a tensor that is not a weight (an index, a mask, complex values); "
+                    "check that BASE is the model the adapter was made for.")
+            tensor_plans[name] = TensorPlan(name, info, out_dtype, edits)
     unknown = sorted(set(ops) - set(tensor_plans))
     if unknown:  # binding resolves names against the same checkpoint
         raise InternalError(f"edits planned for tensors not in the base: {unknown[:5]}")
