@@ -205,15 +205,31 @@ def test_a_whole_peft_model_state_dict_merges_into_itself(bases, adapters, tmp_p
     pm = PeftModel.from_pretrained(models.load_base(bases["llama"]), str(adapters["second"]))
     f = save_net(pm, tmp_path / "peft-model.safetensors")
     cfg = json.loads((adapters["second"] / "adapter_config.json").read_text())
-    # q_proj and o_proj are square: the file cannot say its orientation, so it is declared
-    code, text = run("merge", f, f, tmp_path / "m.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"])
-    assert code == 1 and "--layout" in text
-    code, text = run("merge", f, f, tmp_path / "m.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"], "-q",
+    # q_proj and o_proj are square, but lora_A.default.weight / lora_B.default.weight are the weights of
+    # nn.Linear submodules: PyTorch's (out, in) convention orients them, no --layout needed
+    code, text = run("merge", f, f, tmp_path / "m.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"], "-q")
+    assert code == 0, text
+    code, text = run("merge", f, f, tmp_path / "m2.safetensors", "--weight", cfg["lora_alpha"] / cfg["r"], "-q",
                      "--layout", "linear-ab")
     assert code == 0, text
+    assert load_file(str(tmp_path / "m2.safetensors")).keys() == load_file(str(tmp_path / "m.safetensors")).keys()
     merged = load_file(str(tmp_path / "m.safetensors"))
     assert not any("lora_" in k for k in merged)
     oracle = models.peft_merged_state_dict(bases["llama"], [adapters["second"]])
     for k, v in merged.items():
         plain = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
         assert_close_fp32(v, oracle[plain], plain)
+
+
+def test_square_nn_linear_named_pairs_are_oriented_by_their_names(tmp_path: Path) -> None:
+    """Square modules with factors stored as nn.Linear submodules (lora_A.weight (r, in), lora_B.weight
+    (out, r)) need no --layout: the same names on bare parameters (lora_a/lora_b) still do."""
+    net = Net("siblings", scale=1.0, square_only=True).eval()
+    f = save_net(net, tmp_path / "sq.safetensors")
+    out = tmp_path / "m.safetensors"
+    code, text = run("merge", f, f, out, "-q")
+    assert code == 0, text
+    plain = plain_with("siblings", load_file(str(out)), square_only=True)
+    with torch.no_grad():
+        x = x_for(net)
+        assert_close_fp32(plain(x), net(x), "square nn.Linear-named pair")

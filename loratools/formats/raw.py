@@ -69,6 +69,19 @@ def order_pair(prefix: str, x: tuple[str, torch.Tensor], y: tuple[str, torch.Ten
     )
 
 
+def _linear_convention(first: str, second: str) -> bool | None:
+    """False (ΔW = first @ second as stored, (out, in)) when both factors are the ``.weight`` of
+    ``nn.Linear`` submodules named the PyTorch way — ``lora_B``/``lora_up`` (out, r) first,
+    ``lora_A``/``lora_down`` (r, in) second, as PEFT and most LoRA code store them: the names
+    then carry the orientation, square or not. None (shapes, ``--layout`` or agreement decide)
+    for bare parameters such as ``lora_a`` or ``U``, whose names say nothing."""
+    a, b = split_key(second), split_key(first)
+    if not (first.endswith(".weight") and second.endswith(".weight")) or a is None or b is None:
+        return None
+    partner = {"lora_A": "lora_B", "lora_down": "lora_up"}
+    return False if partner.get(a[1]) == b[1] else None
+
+
 def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
     if not path.is_file():
         raise AdapterNotFoundError(f"Adapter not found: {path}.", path=path)
@@ -112,7 +125,7 @@ def read(path: Path, *, scale: float = 1.0, **_: object) -> Adapter:
             check_scale(path, prefix or "the file's factors", float(scale)),
             None,
             kind="linear",
-            transposed=None,
+            transposed=_linear_convention(first[0], second[0]),
             source_keys=(first[0], second[0]),
         )
     if leftovers:
