@@ -321,14 +321,29 @@ def read_adapter_record(path: Path) -> dict | None:
     from .checkpoint.safetensors_io import read_header
     from .jsonio import load_json
 
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("*.gguf")]) \
+        if path.is_dir() else []
     for f in files:
+        if f.suffix == ".gguf":
+            return _gguf_record(f)
         if f.suffix != ".safetensors":
             continue
         meta = read_header(f).metadata
         if RECORD_KEY in meta:
             return load_json(meta[RECORD_KEY], where=f, what="the loratools record")
     return None
+
+
+def _gguf_record(f: Path) -> dict | None:
+    from .jsonio import load_json
+
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(f)).get_field("loratools.record")
+    except Exception:  # not readable as GGUF: not ours to replace
+        return None
+    return None if field is None else load_json(str(field.contents()), where=f, what="the loratools record")
 
 
 def stamp_record(folder: Path, record: dict[str, Any]) -> None:
@@ -497,12 +512,22 @@ def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *,
     record = {"tool": f"loratools {__version__}", "operation": operation,
               "inputs": [{"path": source_name(r), "sha256": file_sha256(_files_of(r))} for r in sources]}
 
+    out = Path(out)
+    single = s.caps.file_suffix is not None and out.suffix == s.caps.file_suffix  # OUT names the file itself
+    if single:
+        ctx["filename"] = out.name
+    if s.caps.file_suffix == ".gguf":
+        from .jsonio import dump_json
+
+        ctx["record"] = dump_json(record)  # GGUF keeps it in its own metadata
+
     def write(tmp: Path) -> float:
         module.write(adapter, tmp, **ctx)
         stamp_record(tmp, record)
         if options.verify == "none":
             return 0.0
-        back = module.read(tmp, **ctx)
+        back = module.read(tmp / out.name if single else tmp, **{k: v for k, v in ctx.items()
+                                                               if k not in ("filename", "record")})
         if expected is None:
             err = max_delta_error(adapter, back, options.progress)
             factor_dtype = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
@@ -529,7 +554,7 @@ def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *,
         return err
 
     notes: list[str] = []
-    err = commit(Path(out), options, write=write, notes=notes)
+    err = commit(out, options, write=write, notes=notes, single_file=single)
     return Written(err, notes)
 
 

@@ -352,6 +352,35 @@ def test_gguf_is_read_by_the_gguf_package(bases, adapters, tmp_path: Path) -> No
         assert_close_fp32((alpha / r) * B @ A, expected, gg)
 
 
+@pytest.mark.parametrize("dtype,gtype,ftype", [(None, "F32", 0), ("fp16", "F16", 1), ("bf16", "BF16", 32)])
+def test_gguf_out_is_one_file_in_the_asked_dtype(bases, adapters, tmp_path: Path, dtype, gtype, ftype) -> None:
+    """A path ending in .gguf is the file llama.cpp opens (not a folder); --dtype sets the tensor
+    type; general.* carries what llama.cpp's own converter writes; ΔW survives within the dtype."""
+    import gguf
+
+    out = tmp_path / "my-lora.gguf"
+    args = ["convert", adapters["all-linear"], out, "--to", "gguf", "--base", bases["llama"], "-q"]
+    code, text = run(*args, *(["--dtype", dtype] if dtype else []))
+    assert code == 0, text
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["my-lora.gguf"]
+    reader = gguf.GGUFReader(str(out))
+    assert {t.tensor_type.name for t in reader.tensors} == {gtype}
+    assert reader.get_field("general.file_type").contents() == ftype
+    assert reader.get_field("general.name").contents() == "my-lora"
+    assert reader.get_field("general.quantization_version").contents() == gguf.GGML_QUANT_VERSION
+    assert "lora" in reader.get_field("general.tags").contents()
+    back = loratools.load_adapter(out, base=bases["llama"])
+    ours = loratools.load_adapter(adapters["all-linear"], base=bases["llama"])
+    tol = {None: 1e-6, "fp16": 2e-3, "bf16": 2e-2}[dtype]
+    for name, m in ours.modules.items():
+        want = loratools.delta(m, dtype=torch.float64)
+        got = loratools.delta(back.modules[name], dtype=torch.float64)
+        assert float((got - want).abs().max()) <= tol * float(want.abs().max()), name
+    # loratools wrote it, so --overwrite may replace it; a .gguf loratools did not write is kept
+    code, text = run(*args, "--overwrite")
+    assert code == 0, text
+
+
 def test_gguf_embedding_lora_a_is_transposed(bases, adapters, tmp_path: Path) -> None:
     import gguf
 

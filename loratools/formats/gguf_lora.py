@@ -73,7 +73,10 @@ def detect(path: Path) -> bool:
 
 
 MAX_LAYERS = 100_000  # a num_hidden_layers beyond this is a damaged config, not a model
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+# what the factors are written as, by their dtype (llama.cpp's convert_lora_to_gguf: --outtype f32|f16|bf16),
+# with general.file_type's value for each (LlamaFileType)
+WRITE_TYPES = {torch.float16: ("F16", 1), torch.bfloat16: ("BF16", 32)}  # anything else: F32 (0)
 
 
 def _config_int(config: dict, key: str, default: Any = None, *, positive: bool = True) -> Any:
@@ -135,8 +138,34 @@ def _name_map(config: dict, layers: int) -> tuple[Any, str, bool]:
     return gguf.get_tensor_name_map(arch, min(total, max(1, layers))), arch_name, permute
 
 
+def _add(writer: Any, gguf: Any, name: str, t: torch.Tensor) -> None:
+    """One factor in the adapter's storage type: F32, F16, or BF16 (gguf-py's own conversion)."""
+    kind, _ = WRITE_TYPES.get(t.dtype, ("F32", 0))
+    if kind == "BF16":
+        qtype = gguf.GGMLQuantizationType.BF16
+        writer.add_tensor(name, gguf.quants.quantize(t.float().numpy(), qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, t.to(torch.float16 if kind == "F16" else torch.float32).contiguous().numpy())
+
+
+def _general(writer: Any, gguf: Any, adapter: Adapter, base_model: str | None, ftype: int, name: str) -> None:
+    """The general.* keys llama.cpp's own LoRA converter writes beside adapter.*."""
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(ftype)
+    base = base_model or adapter.meta.get("base_model")
+    if isinstance(base, str) and base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base.split("/")[1])
+        writer.add_base_model_organization(0, base.split("/")[0])
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
+    writer.add_tags(["lora", "loratools"])
+
+
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
-          **_: Any) -> list[Path]:
+          filename: str = FILE, record: str | None = None, **_: Any) -> list[Path]:
+    """``out/filename`` (``adapter.gguf`` unless OUT names the file), factors stored in their own
+    dtype (F32, F16 or BF16), with the general.* metadata llama.cpp's converter writes."""
     if base_config is None:
         raise InvalidArgumentError("Writing GGUF needs the base model (--base): its config gives the architecture and "
                                    "llama.cpp's tensor names.")
@@ -145,8 +174,11 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     tmap, arch_name, permute = _name_map(base_config, max(used, default=1))
     mods = adapter.modules
     alpha = float(most_common([m.rank for m in mods.values()])) if mods else 1.0
-    writer = gguf.GGUFWriter(str(out / FILE), arch_name)
+    writer = gguf.GGUFWriter(str(out / filename), arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
+    dtypes = {t.dtype for m in mods.values() for t in m.delta.tensors().values()}
+    _, ftype = WRITE_TYPES.get(next(iter(dtypes)), ("F32", 0)) if len(dtypes) == 1 else ("F32", 0)
+    _general(writer, gguf, adapter, base_model, ftype, Path(filename).stem if filename != FILE else "adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     names: dict[str, str] = {}
@@ -156,17 +188,19 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
             raise UnsupportedAdapterError(f"{clip(target)} has no llama.cpp tensor name for {arch_name}.",
                                           tensor=target)
         d = lowrank(fold_scale(m, alpha / m.rank))  # llama.cpp applies alpha / rank to every pair
+        stored = d.A.dtype if d.A.dtype in WRITE_TYPES else torch.float32
         A, B = d.A.float(), d.B.float()
         heads = _heads(target, base_config) if permute else None
         if heads:
             B = _permute(B, _check_heads(B.shape[0], heads, where=source_of(base_config),
                                          what=f"the heads of {clip(target)}"))
-        a_np = (A.T if m.kind == "embedding" else A).contiguous().numpy()
-        writer.add_tensor(gname + ".lora_a", a_np)
-        writer.add_tensor(gname + ".lora_b", B.contiguous().numpy())
+        _add(writer, gguf, gname + ".lora_a", (A.T if m.kind == "embedding" else A).contiguous().to(stored))
+        _add(writer, gguf, gname + ".lora_b", B.contiguous().to(stored))
         names[gname] = target
     # our own keys (llama.cpp ignores them): read back without the base
     writer.add_string("loratools.hf_names", json.dumps(names, separators=(",", ":")))
+    if record is not None:
+        writer.add_string("loratools.record", record)
     if permute:
         n_head = _config_int(base_config, "num_attention_heads")
         if n_head is None:
@@ -178,7 +212,7 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return [out / FILE]
+    return [out / filename]
 
 
 def _kv(reader: Any, key: str, f: Path) -> Any:
@@ -205,12 +239,16 @@ def _tensor(t: Any, f: Path) -> torch.Tensor:
     kind = getattr(t.tensor_type, "name", str(t.tensor_type))
     if kind not in FLOAT_TYPES:
         raise UnsupportedAdapterError(f"{f}: tensor {clip(t.name)} is stored as {kind}; loratools reads F32, F16 "
-                                      "and F64 GGUF adapters.", path=f, tensor=t.name,
+                                      ", BF16 and F64 GGUF adapters.", path=f, tensor=t.name,
                                       hint="Convert the adapter again without quantizing it.")
     shape = [int(d) for d in reversed(t.shape)]
     try:
-        data = np.asarray(t.data, dtype=FLOAT_TYPES[kind]).astype(np.float32).reshape(shape)
-    except ValueError:
+        if kind == "BF16":  # gguf-py's own conversion of its bfloat16 bytes
+            raw = _gguf().quants.dequantize(np.asarray(t.data), t.tensor_type)
+        else:
+            raw = np.asarray(t.data, dtype=FLOAT_TYPES[kind])
+        data = np.asarray(raw, dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, AssertionError):
         raise CorruptFileError(f"{f}: tensor {clip(t.name)} does not hold {shape} values.", path=f,
                                tensor=t.name) from None
     out = torch.from_numpy(data)
