@@ -86,7 +86,25 @@ def read(path: Path, **_: object) -> Adapter:
                    path=path, files=[folder / CONFIG, folder / WEIGHTS])
 
 
-def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: object) -> list[Path]:
+def _hub_id(value: object) -> str | None:
+    """The base's Hub id for ``model`` (mlx-lm fetches it by that name); a local path is left out
+    of files loratools writes (it names a user's folders and means nothing elsewhere)."""
+    if isinstance(value, str) and value.count("/") == 1 and not value.startswith((".", "/", "~")) \
+            and not Path(value).exists():
+        return value
+    return None
+
+
+def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
+          **_: object) -> list[Path]:
+    """``adapter_config.json`` + ``adapters.safetensors`` as mlx-lm's ``load_adapters`` wants them.
+
+    mlx-lm turns the modules named in ``lora_parameters.keys`` into LoRA layers — paths relative
+    to a transformer block for the last ``num_layers`` blocks, full paths (``model.embed_tokens``,
+    ``lm_head``) for the rest of the model — and then refuses any tensor that has no such layer.
+    So every adapted path is in ``keys``, and ``num_layers`` reaches back to the lowest adapted
+    block: the number of blocks minus its index when the base's config says how many there are,
+    else -1 (all blocks; blocks without weights in the file get LoRA layers whose B is zero)."""
     mods = adapter.modules
     scale = float(most_common([m.scale for m in mods.values()])) if mods else 20.0
     rank = max((m.rank for m in mods.values()), default=8)
@@ -102,16 +120,24 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: ob
         if m.magnitude is not None:
             tensors[f"{module}.m"] = m.magnitude.contiguous()
         parts = module.split(".")
-        if "layers" in parts and parts.index("layers") + 2 <= len(parts):
-            i = parts.index("layers")
-            if parts[i + 1].isdigit():
-                layers.add(int(parts[i + 1]))
-                keys.add(".".join(parts[i + 2:]))
+        i = parts.index("layers") if "layers" in parts else -1
+        if i >= 0 and i + 2 <= len(parts) and parts[i + 1].isdigit():
+            layers.add(int(parts[i + 1]))
+            keys.add(".".join(parts[i + 2:]))
+        else:
+            keys.add(module)  # outside the blocks (embeddings, lm_head): mlx-lm matches the full path
+    total = (base_config or {}).get("num_hidden_layers")
+    if not layers:
+        num_layers = 0
+    elif isinstance(total, int) and not isinstance(total, bool) and total > max(layers):
+        num_layers = total - min(layers)
+    else:
+        num_layers = -1
     cfg = {
         "fine_tune_type": "dora" if any(m.magnitude is not None for m in mods.values()) else "lora",
-        "num_layers": len(layers) if layers else -1,
+        "num_layers": num_layers,
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
-        "model": base_model or adapter.meta.get("base_model"),
+        "model": _hub_id(base_model or adapter.meta.get("base_model")),
     }
     (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     save_tensors(out / WEIGHTS, tensors, {"format": "mlx"})
