@@ -176,16 +176,25 @@ def flat_index(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
     return index
 
 
+# Prefixes a kohya name carries that some checkpoints of the same module do not (from where each comes):
+# transformers 5 saves CLIPTextModel's weights without their ``text_model.`` prefix, while kohya files
+# name them lora_te_text_model_encoder_… (sd-scripts flattens the module path of transformers 4).
+OPTIONAL_FLAT_PREFIXES = ("text_model_",)
+
+
 def resolve_flat(target: str, index: dict[str, list[str]], where: str = "",
                  finder: SuffixFinder | None = None) -> str | None:
     """The base weight a flattened kohya name denotes: the flattened base name equal to it, or
-    ending in '_' + it (a checkpoint with a component prefix); among several, the one in the
+    ending in '_' + it (a checkpoint with a component prefix), or the same without a prefix the
+    checkpoint does not store (:data:`OPTIONAL_FLAT_PREFIXES`); among several, the one in the
     module's component. Never a guess: more than one candidate raises."""
     component, _, flat = target.rpartition(":")
-    hits = list(index.get(flat, []))
-    if not hits:
-        finder = finder or SuffixFinder(index)
-        hits = [n for f in finder.ending("_" + flat, limit=64) for n in index[f]]
+    finder = finder or SuffixFinder(index)
+    hits: list[str] = []
+    for name in [flat] + [flat[len(p):] for p in OPTIONAL_FLAT_PREFIXES if flat.startswith(p)]:
+        hits = list(index.get(name, [])) or [n for f in finder.ending("_" + name, limit=64) for n in index[f]]
+        if hits:
+            break
     if len(hits) > 1 and component:
         inside = [n for n in hits if n.startswith(COMPONENT_PREFIXES.get(component, ()))]
         hits = inside or hits

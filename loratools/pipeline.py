@@ -198,9 +198,6 @@ def prepare_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
     which returns it with its orientation left open (for reading, not writing).
     """
     opened = open_base(base) if base is not None else None
-    if opened is not None and opened.is_pipeline:
-        raise InvalidArgumentError(f"{base} is a diffusers pipeline folder; pass the component's folder "
-                                   "(e.g. BASE/unet) to bind one adapter.")
     a = read_one(ref, options, base=opened)
     if scale is not None:
         if a.format != "raw":
@@ -211,6 +208,12 @@ def prepare_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
         a = replace(a, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in a.modules.items()})
     if opened is None and a.format == "raw" and a.meta.get("base_keys") and a.path is not None:
         opened = open_base(a.path)  # the file holds the module weights too
+    if opened is not None and opened.is_pipeline:
+        # a diffusers pipeline folder: bound like merge binds it, against every component at once;
+        # targets keep their component (unet.…, text_encoder.…), which is how diffusers names them
+        bound = bind(a, opened.shapes(), base_config=opened.config_for, layout=options.layout, base=opened.path)
+        bound.warnings = list(bound.warnings) + [w for ck in opened.parts.values() for w in ck.warnings]
+        return bound
     if opened is not None:
         ckpt = opened.parts[""]
         if a.path is not None and Path(a.path).resolve() == opened.path.resolve():
@@ -253,31 +256,27 @@ def inspect_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
     except (UnboundModuleError, ShapeMismatchError, LayoutAmbiguousError):
         pass
     opened = open_base(base)
-    ckpt = opened.parts[""]
     adapter = read_one(ref, options, base=opened)
     if scale is not None and adapter.format == "raw":
         adapter = replace(adapter, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in adapter.modules.items()})
-    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    shapes = opened.shapes()
+    config = opened.config_for if opened.is_pipeline else opened.config
     bound_modules = {}
     unbound = {}
-    for name, m in adapter.modules.items():
+    parts = [(name, replace(adapter, modules={name: m}, replacements={}), "")
+             for name, m in adapter.modules.items()]
+    parts += [(name, replace(adapter, modules={}, replacements={name: t}), " (full tensor)")
+              for name, t in adapter.replacements.items()]
+    for name, one, what in parts:  # module by module: which bind, and why the others do not
         try:
-            one = bind(replace(adapter, modules={name: m}, replacements={}), shapes, base_config=ckpt.config,
-                       layout=options.layout, base=opened.path)
-            bound_modules.update(one.modules)
+            bound_modules.update(bind(one, shapes, base_config=config, layout=options.layout,
+                                      base=opened.path).modules)
         except UnboundModuleError:
-            unbound[name] = "no tensor of that name in the base"
+            unbound[name] = "no tensor of that name in the base" + what
         except LoraToolsError as e:
             unbound[name] = e.message
-    for name, t in adapter.replacements.items():
-        try:
-            bind(replace(adapter, modules={}, replacements={name: t}), shapes, base_config=ckpt.config, base=opened.path)
-        except UnboundModuleError:
-            unbound[name] = "no tensor of that name in the base (full tensor)"
-        except LoraToolsError as e:
-            unbound[name] = e.message
-    return Inspection(replace(adapter, modules=bound_modules, warnings=list(adapter.warnings) + list(ckpt.warnings)),
-                      unbound)
+    notes = [w for ck in opened.parts.values() for w in ck.warnings]
+    return Inspection(replace(adapter, modules=bound_modules, warnings=list(adapter.warnings) + notes), unbound)
 
 
 # --- commit ------------------------------------------------------------------------------------------------------

@@ -174,6 +174,28 @@ def test_kohya_merge_into_text_encoder_equals_peft(sd_parts, tmp_path: Path) -> 
         assert_close_fp32(v, oracle[k], k)
 
 
+def test_sd_scripts_clip_names_bind_to_a_transformers_5_text_encoder(sd_parts, tmp_path: Path) -> None:
+    """sd-scripts names text-encoder modules lora_te_text_model_encoder_…; transformers 5 saves
+    CLIPTextModel without the text_model. prefix. They bind, and the merge equals PEFT's."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    with safe_open(str(next((sd_parts["clip"]).glob("*.safetensors"))), "pt") as f:
+        assert not any(k.startswith("text_model.") for k in f.keys())  # what this test is about
+    loratools.convert(sd_parts["clip-lora"], tmp_path / "k", to="kohya", base=sd_parts["clip"])
+    ours = load_file(str(tmp_path / "k" / "pytorch_lora_weights.safetensors"))
+    sd_scripts = {k.replace("lora_te_", "lora_te_text_model_", 1): v for k, v in ours.items()}
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in sd_scripts)
+    f = tmp_path / "sd-scripts.safetensors"
+    save_file(sd_scripts, str(f), metadata={"ss_network_module": "networks.lora"})  # no loratools names
+    loratools.merge(sd_parts["clip"], [f], tmp_path / "merged", device="cpu")
+    pm = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(sd_parts["clip"]), str(sd_parts["clip-lora"]))
+    oracle = pm.merge_and_unload().state_dict()
+    for k, v in read_tensors(tmp_path / "merged").items():
+        assert_close_fp32(v, oracle[k], k)
+
+
 def test_kohya_pipeline_file_into_one_component_and_the_unet_file(sd_parts, tmp_path: Path) -> None:
     """A file with UNet and text-encoder modules applied to the UNet alone: the text-encoder part is
     reported as belonging elsewhere; the UNet part merges (1×1 conv proj_in/out included)."""
@@ -495,6 +517,18 @@ def test_kohya_and_diffusers_files_merge_into_a_pipeline_folder(sd_parts, tmp_pa
     assert set(result.plans) == {"unet"} and result.verify.ok
     assert (tmp_path / "m2" / "text_encoder" / "model.safetensors").read_bytes() == (
         pipe / "text_encoder" / "model.safetensors").read_bytes()
+    # convert binds to a pipeline folder as merge does: the kohya file becomes one diffusers file
+    # with unet. and text_encoder. names, which merges into the pipeline to the same tensors
+    code, text = run("convert", tmp_path / "sd-lora.safetensors", tmp_path / "as-diffusers", "--to", "diffusers",
+                     "--base", pipe, "-q")
+    assert code == 0, text
+    keys = load_file(str(tmp_path / "as-diffusers" / "pytorch_lora_weights.safetensors")).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
+    again = loratools.merge(pipe, [tmp_path / "as-diffusers"], tmp_path / "m3", device="cpu")
+    assert set(again.plans) == {"unet", "text_encoder"}
+    for comp in ("unet", "text_encoder"):
+        for k, v in read_tensors(tmp_path / "m3" / comp).items():
+            assert_close_fp32(v, read_tensors(out / comp)[k], f"{comp} {k}")
     # loratools verify checks a pipeline component by component
     code, text = run("verify", pipe, tmp_path / "sd-lora.safetensors", out, "--forward")
     assert code == 0 and "verify OK" in text, text
