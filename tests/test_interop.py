@@ -1,0 +1,119 @@
+"""llama.cpp itself loads the GGUF adapters loratools writes (opt-in: `-m interop`).
+
+Needs llama-cpp-python built from its sdist and llama.cpp's converter scripts (the sdist's
+``vendor/llama.cpp``), named by ``LORATOOLS_LLAMA_CPP``; see docs/formats.md ("Interop tests"):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python
+    pip download --no-deps --no-binary :all: -d /tmp/llsrc llama-cpp-python && tar xzf /tmp/llsrc/*.tar.gz -C /tmp/llsrc
+    LORATOOLS_LLAMA_CPP=$(ls -d /tmp/llsrc/llama_cpp_python-*/vendor/llama.cpp) python -m pytest -m interop
+
+For each adapter kind: the tiny llama base goes to GGUF through llama.cpp's own
+``convert_hf_to_gguf.py``; the PEFT adapter goes to GGUF through loratools and, as the oracle
+converter, through llama.cpp's ``convert_lora_to_gguf.py``; llama.cpp (in a subprocess: a crash
+fails the test, not the run) evaluates the same tokens with each, and PEFT's un-merged forward
+pass is the reference for the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import loratools
+
+from . import models
+
+pytestmark = pytest.mark.interop
+
+TOKENS = [1, 5, 9, 20, 33, 7, 101, 250]
+CASES = {
+    "all-linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
+                     rank_pattern={"layers.1.self_attn.q_proj": 2, "k_proj": 6}, alpha_pattern={"down_proj": 32}),
+    "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    "one-layer": dict(r=4, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[0],
+                      layers_pattern="layers"),
+    "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+}
+RUN = """
+import json, sys
+from llama_cpp import Llama
+kw = dict(model_path=sys.argv[1], logits_all=True, n_ctx=64, verbose=False, n_threads=1)
+if sys.argv[2] != "-":
+    kw["lora_path"] = sys.argv[2]
+llm = Llama(**kw)
+llm.eval(json.loads(sys.argv[3]))
+print(json.dumps([[float(x) for x in row] for row in llm.scores[: llm.n_tokens]]))
+"""
+
+
+def llama_dir() -> Path:
+    where = os.environ.get("LORATOOLS_LLAMA_CPP")
+    if not where or not (Path(where) / "convert_hf_to_gguf.py").is_file():
+        pytest.fail("the interop group needs LORATOOLS_LLAMA_CPP=<llama.cpp source with convert_hf_to_gguf.py> "
+                    "and llama-cpp-python installed (see this file's docstring)")
+    return Path(where)
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny llama (HF) with a sentencepiece tokenizer llama.cpp's converter knows, and its GGUF."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("interop")
+    base = models.save_tiny_llama(root / "llama")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(400)]
+    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)))
+    spm.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "sp"), vocab_size=256,
+                                   model_type="unigram", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (base / f).unlink(missing_ok=True)
+    shutil.copy(root / "sp.model", base / "tokenizer.model")
+    out = root / "base.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_hf_to_gguf.py"), str(base), "--outfile", str(out),
+                           "--outtype", "f32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return base, out
+
+
+def llama_logits(model: Path, lora: Path | None) -> np.ndarray:
+    proc = subprocess.run([sys.executable, "-c", RUN, str(model), str(lora) if lora else "-", json.dumps(TOKENS)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"llama.cpp failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_llama_cpp_loads_loratools_gguf(gguf_base, tmp_path: Path, name: str) -> None:
+    from peft import PeftModel
+
+    base, base_gguf = gguf_base
+    adapter = models.make_peft_adapter(base, tmp_path / "peft", CASES[name], seed=11)
+    ours = tmp_path / "ours.gguf"
+    loratools.convert(adapter, ours, to="gguf", base=base)
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_lora_to_gguf.py"), str(adapter), "--base",
+                           str(base), "--outfile", str(theirs), "--outtype", "f32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pm = PeftModel.from_pretrained(models.load_base(base), str(adapter)).eval()
+    with torch.no_grad():
+        reference = pm(torch.tensor([TOKENS])).logits[0].numpy()
+    plain = llama_logits(base_gguf, None)
+    got, oracle = llama_logits(base_gguf, ours), llama_logits(base_gguf, theirs)
+    scale = max(1.0, float(np.abs(reference).max()))
+    ours_err, theirs_err = float(np.abs(got - reference).max()), float(np.abs(oracle - reference).max())
+    print(f"{name}: max |Δlogit| vs PEFT: loratools {ours_err:.2e}, convert_lora_to_gguf {theirs_err:.2e}")
+    assert ours_err <= 1e-3 * scale, "llama.cpp's logits with loratools' adapter differ from PEFT's"
+    assert float(np.abs(got - plain).max()) > 1e-3 * scale  # the adapter was applied at all
+    if theirs_err <= 1e-3 * scale:  # where llama.cpp's own converter is right, both files are the same model
+        assert float(np.abs(got - oracle).max()) <= 1e-4 * scale
