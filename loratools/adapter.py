@@ -142,15 +142,6 @@ def delta(
     return module.block(0, module.stored_shape[0], dtype=dtype, device=device, weight=weight).contiguous()
 
 
-def check_module_finite(m: LoraModule, *, path: Path | str | None = None) -> None:
-    """Every tensor behind a module (its delta's, DoRA magnitude, bias) must be finite."""
-    for role, t in m.delta.tensors().items():
-        check_finite(t, what=f"adapter tensor {role} of {m.target}", path=path)
-    for role, t in (("magnitude", m.magnitude), ("bias", m.bias)):
-        if t is not None:
-            check_finite(t, what=f"adapter tensor {role} of {m.target}", path=path)
-
-
 def check_finite(tensor: torch.Tensor, *, what: str, path: Path | str | None = None) -> None:
     """Raise NonFiniteError when a floating tensor holds NaN or Inf."""
     if not tensor.is_floating_point() or tensor.element_size() == 1:

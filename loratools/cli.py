@@ -696,8 +696,8 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
                 raise
             from .summary import describe_model
 
-            model = describe_model(Path(resolve(adapter)), shown_as=str(adapter)) if Path(resolve(adapter)).exists() \
-                else None
+            local = Path(resolve(adapter))
+            model = describe_model(local, shown_as=str(adapter)) if local.exists() else None
             if model is None:
                 raise e from None
             _show_model(model, as_json)

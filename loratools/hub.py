@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError, InvalidArgumentError
-from .jsonio import load_json, read_json
+from .errors import HubError, InvalidArgumentError, LoraToolsError
+from .jsonio import read_json
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:]+))?(?::(?P<sub>.+))?$")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx")
@@ -173,16 +173,12 @@ class PushResult:
 
 
 def _record(folder: Path) -> dict | None:
-    from .checkpoint.safetensors_io import read_header
+    from .ops.undo import read_file_record
 
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            meta = read_header(f).metadata
-        except Exception:
-            continue
-        if "loratools" in meta:
-            return load_json(meta["loratools"], where=f, what="the loratools record")
-    return None
+    try:
+        return read_file_record(folder)
+    except LoraToolsError:  # a damaged record does not stop a push; the card just says less
+        return None
 
 
 def is_adapter_folder(folder: Path) -> bool:

@@ -32,13 +32,13 @@ from .checkpoint.reader import Checkpoint, link_escapes, open_checkpoint
 from .checkpoint.writer import AtomicOutput, check_output
 from .errors import (InvalidArgumentError, LayoutAmbiguousError, LoraToolsError, OutputExistsError,
                      ShapeMismatchError, UnboundModuleError, VerificationError)
-from .formats import FORMATS, check_can_hold, read_adapter, spec
+from .formats import check_can_hold, read_adapter, spec
 from .hub import parse_repo, resolve
 from .layout import bind
 from .ops.edits import Compute
 from .ops.execute import Result, write_plan
 from .ops.plan import AdapterInput, Plan, file_sha256
-from .ops.undo import RECORD_KEY, legacy_undo, undo_dir
+from .ops.undo import legacy_undo, read_file_record, undo_dir
 from .options import LAYOUTS, Options
 from .verify import VerifyReport, verify_written
 
@@ -83,6 +83,16 @@ class Base:
 
     def config_for(self, name: str) -> dict:
         return self.parts[self.component_of(name)[0]].config
+
+    @property
+    def bind_config(self) -> Any:
+        """What :func:`layout.bind` takes as ``base_config``: the model's config, or per tensor."""
+        return self.config_for if self.is_pipeline else self.config
+
+    @property
+    def warnings(self) -> list[str]:
+        """What opening it left out (links that leave the folder), from every component."""
+        return [w for ck in self.parts.values() for w in ck.warnings]
 
 
 def pipeline_components(folder: Path) -> list[str] | None:
@@ -138,13 +148,12 @@ def bind_groups(base: Base, groups: Sequence[AdapterGroup], options: Options) ->
             if adapter.path is not None and Path(adapter.path).resolve() == base.path.resolve():
                 base.parts[""].drop({k for m in adapter.modules.values() for k in m.source_keys})
     shapes = base.shapes()
-    config = base.config_for if base.is_pipeline else base.config
     inputs: dict[str, list[AdapterInput]] = {c: [] for c in base.parts}
     count = 0
     for adapters, g in zip(read, groups):
         for ref, adapter, w in zip(g.adapters, adapters, g.weights):
             count += 1
-            bound = bind(adapter, shapes, base_config=config, layout=options.layout, base=base.path)
+            bound = bind(adapter, shapes, base_config=base.bind_config, layout=options.layout, base=base.path)
             label = str(adapter.path) if adapter.path else f"adapter {count}"
             source = source_name(ref)
             sha = file_sha256(adapter.files)
@@ -208,20 +217,15 @@ def prepare_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
         a = replace(a, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in a.modules.items()})
     if opened is None and a.format == "raw" and a.meta.get("base_keys") and a.path is not None:
         opened = open_base(a.path)  # the file holds the module weights too
-    if opened is not None and opened.is_pipeline:
-        # a diffusers pipeline folder: bound like merge binds it, against every component at once;
-        # targets keep their component (unet.…, text_encoder.…), which is how diffusers names them
-        bound = bind(a, opened.shapes(), base_config=opened.config_for, layout=options.layout, base=opened.path)
-        bound.warnings = list(bound.warnings) + [w for ck in opened.parts.values() for w in ck.warnings]
-        return bound
     if opened is not None:
-        ckpt = opened.parts[""]
-        if a.path is not None and Path(a.path).resolve() == opened.path.resolve():
-            ckpt.drop({k for m in a.modules.values() for k in m.source_keys})
-        bound = bind(a, {n: t.shape for n, t in ckpt.tensors.items()}, base_config=ckpt.config, layout=options.layout,
-                     base=opened.path)
-        bound.meta["base_config"] = ckpt.config
-        bound.warnings = list(bound.warnings) + list(ckpt.warnings)
+        # bound like merge binds it; a diffusers pipeline folder against every component at once, the
+        # targets keeping their component (unet.…, text_encoder.…), which is how diffusers names them
+        if not opened.is_pipeline and a.path is not None and Path(a.path).resolve() == opened.path.resolve():
+            opened.parts[""].drop({k for m in a.modules.values() for k in m.source_keys})
+        bound = bind(a, opened.shapes(), base_config=opened.bind_config, layout=options.layout, base=opened.path)
+        if not opened.is_pipeline:
+            bound.meta["base_config"] = opened.config
+        bound.warnings = list(bound.warnings) + opened.warnings
         return bound
     if options.layout is not None:
         transposed = {"in-r-out": True}.get(options.layout, False)
@@ -260,7 +264,6 @@ def inspect_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
     if scale is not None and adapter.format == "raw":
         adapter = replace(adapter, modules={n: m.with_(delta=m.delta.scaled(scale)) for n, m in adapter.modules.items()})
     shapes = opened.shapes()
-    config = opened.config_for if opened.is_pipeline else opened.config
     bound_modules = {}
     unbound = {}
     parts = [(name, replace(adapter, modules={name: m}, replacements={}), "")
@@ -269,14 +272,14 @@ def inspect_adapter(ref: AdapterRef, options: Options, *, base: str | Path | Non
               for name, t in adapter.replacements.items()]
     for name, one, what in parts:  # module by module: which bind, and why the others do not
         try:
-            bound_modules.update(bind(one, shapes, base_config=config, layout=options.layout,
+            bound_modules.update(bind(one, shapes, base_config=opened.bind_config, layout=options.layout,
                                       base=opened.path).modules)
         except UnboundModuleError:
             unbound[name] = "no tensor of that name in the base" + what
         except LoraToolsError as e:
             unbound[name] = e.message
-    notes = [w for ck in opened.parts.values() for w in ck.warnings]
-    return Inspection(replace(adapter, modules=bound_modules, warnings=list(adapter.warnings) + notes), unbound)
+    return Inspection(replace(adapter, modules=bound_modules, warnings=list(adapter.warnings) + opened.warnings),
+                      unbound)
 
 
 # --- commit ------------------------------------------------------------------------------------------------------
@@ -309,51 +312,10 @@ def check_adapter_out(out: Path, inputs: Sequence[Any], options: Options, *, com
     trained adapter named as OUT by mistake is kept."""
     check_output(out, inputs=_input_paths(inputs), overwrite=options.overwrite, kind="adapter",
                  forgotten_out_hint=forgotten_out(command, out))
-    if options.overwrite and out.exists() and read_adapter_record(out) is None:
+    if options.overwrite and out.exists() and read_file_record(out) is None:
         raise OutputExistsError(
             f"OUT {out} is an adapter that loratools did not write; --overwrite replaces only loratools' own outputs.",
             path=out, hint=forgotten_out(command, out) + " Or delete it yourself if it should go.")
-
-
-def read_adapter_record(path: Path) -> dict | None:
-    """The loratools record in an adapter's safetensors metadata (None when it has none)."""
-    from .checkpoint.safetensors_io import read_header
-    from .jsonio import load_json
-
-    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("*.gguf")]) \
-        if path.is_dir() else []
-    for f in files:
-        if f.suffix == ".gguf":
-            return _gguf_record(f)
-        if f.suffix != ".safetensors":
-            continue
-        meta = read_header(f).metadata
-        if RECORD_KEY in meta:
-            return load_json(meta[RECORD_KEY], where=f, what="the loratools record")
-    return None
-
-
-def _gguf_record(f: Path) -> dict | None:
-    from .jsonio import load_json
-
-    try:
-        import gguf
-
-        field = gguf.GGUFReader(str(f)).get_field("loratools.record")
-    except Exception:  # not readable as GGUF: not ours to replace
-        return None
-    return None if field is None else load_json(str(field.contents()), where=f, what="the loratools record")
-
-
-def stamp_record(folder: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` into the metadata of every safetensors file of a freshly written adapter."""
-    from .checkpoint.safetensors_io import load_tensor, read_header, save_tensors
-    from .jsonio import dump_json
-
-    for f in sorted(folder.glob("*.safetensors")):
-        header = read_header(f)
-        tensors = {n: load_tensor(i) for n, i in header.tensors.items()}
-        save_tensors(f, tensors, {**header.metadata, RECORD_KEY: dump_json(record)})
 
 
 def _input_paths(refs: Sequence[Any]) -> list[Path]:
@@ -378,7 +340,7 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
         s.filename for ck in base.parts.values() for s in ck.shards}
 
     def check_out() -> None:
-        check_output(out, inputs=_input_paths(refs), overwrite=options.overwrite, expected=expected,
+        check_output(out, inputs=paths, overwrite=options.overwrite, expected=expected,
                      forgotten_out_hint=forgotten_out(operation, out))
 
     if not options.dry_run and len(paths) == len([r for r in refs if not isinstance(r, Adapter)]):
@@ -394,9 +356,8 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
     inputs = bind_groups(base, groups, options)
     plans = {c: planner(base.parts[c], ins, base.path / c if c else base.path, base.repo_id)
              for c, ins in inputs.items()}
-    base_notes = [w for ck in base.parts.values() for w in ck.warnings]
-    for p in plans.values():
-        p.warnings[:0] = [w for w in base_notes if w not in p.warnings]
+    for c, p in plans.items():
+        p.warnings[:0] = base.parts[c].warnings
     warnings = [w for p in plans.values() for w in p.warnings]
     if options.dry_run:
         return Result(out=None, warnings=warnings, plan=plans.get(""), plans=plans if base.is_pipeline else None)
@@ -492,10 +453,11 @@ class Written:
 
 
 def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *, to: str, operation: str,
-                         sources: Sequence[AdapterRef] = (), expected: dict[str, torch.Tensor] | None = None,
+                         sources: Sequence[AdapterRef] = (),
+                         expected: Callable[[str], torch.Tensor] | None = None,
                          tolerance: float | None = None, context: dict[str, Any] | None = None) -> Written:
     """write → check → commit an adapter in format ``to``. The written files are read back and
-    every module's ΔW compared in float64 with ``expected`` (canonical (out, in) matrices, when the
+    every module's ΔW compared in float64 with ``expected(target)`` (its canonical (out, in) matrix, when the
     command computed the exact result itself) or with ``adapter``'s own; the largest relative
     difference must stay within ``tolerance`` (default: two ulps of the factors' dtype, the one
     rounding a scale folded into B may cost). Every safetensors file written carries a loratools
@@ -515,35 +477,30 @@ def write_adapter_output(adapter: Adapter, out: str | Path, options: Options, *,
     single = s.caps.file_suffix is not None and out.suffix == s.caps.file_suffix  # OUT names the file itself
     if single:
         ctx["filename"] = out.name
-    if s.caps.file_suffix == ".gguf":
-        from .jsonio import dump_json
+    from .jsonio import dump_json
 
-        ctx["record"] = dump_json(record)  # GGUF keeps it in its own metadata
+    ctx["record"] = dump_json(record)  # each writer keeps it in its own metadata
 
     def write(tmp: Path) -> float:
         module.write(adapter, tmp, **ctx)
-        stamp_record(tmp, record)
         if options.verify == "none":
             return 0.0
         back = module.read(tmp / out.name if single else tmp, **{k: v for k, v in ctx.items()
                                                                if k not in ("filename", "record")})
+        factor_dtype = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
+                             if t.is_floating_point()), torch.float32)
         if expected is None:
             err = max_delta_error(adapter, back, options.progress)
-            factor_dtype = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
-                                 if t.is_floating_point()), torch.float32)
             limit = tolerance if tolerance is not None else 2 * torch.finfo(factor_dtype).eps
-        else:
+        else:  # the exact result, one module at a time, against factors stored in their dtype
             err = 0.0
-            for target, want in expected.items():
-                got = back.modules.get(target)
+            for target in adapter.modules:
+                want, got = expected(target), back.modules.get(target)
                 diff = float("inf") if got is None else float(
                     (got.delta.matrix(dtype=torch.float64) - want).abs().max())
                 err = max(err, diff / (float(want.abs().max()) or 1.0))
-            # the exact result in float64 against factors stored in their dtype: the rounding of the
-            # factors (bf16: 2⁻⁸ each) is the only difference allowed
-            stored = next((t.dtype for m in adapter.modules.values() for t in m.delta.tensors().values()
-                           if t.is_floating_point()), torch.float32)
-            limit = tolerance if tolerance is not None else max(1e-6, 8 * torch.finfo(stored).eps)
+            # the rounding of the factors to their dtype (bf16: 2⁻⁸ each) is the only difference allowed
+            limit = tolerance if tolerance is not None else max(1e-6, 8 * torch.finfo(factor_dtype).eps)
         if err > limit:
             raise VerificationError(
                 f"the written {to} adapter does not reproduce the ΔW it should (max relative error {err:.2e}); "
@@ -566,4 +523,4 @@ def _files_of(ref: AdapterRef) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
 
 
-__all__ += ["max_delta_error", "pipeline_components", "split_components", "read_one", "FORMATS"]
+__all__ += ["max_delta_error", "pipeline_components", "split_components", "read_one"]

@@ -174,19 +174,13 @@ def describe_model(path: Path, *, shown_as: str) -> dict[str, Any] | None:
     """``info`` of a model instead of an adapter: its size and, when loratools wrote it, what is
     merged into it (the provenance record). None when ``path`` is not a model either."""
     from .checkpoint.reader import open_checkpoint
-    from .ops.undo import RECORD_KEY
+    from .ops.undo import read_record
 
     try:
         ckpt = open_checkpoint(path)
     except LoraToolsError:
         return None
-    record = None
-    for shard in ckpt.shards:
-        if shard.header is not None and RECORD_KEY in shard.header.metadata:
-            from .jsonio import load_json
-
-            record = load_json(shard.header.metadata[RECORD_KEY], where=path, what="the loratools record")
-            break
+    record = read_record(ckpt)
     return {
         "path": shown_as,
         "format": "model",

@@ -48,7 +48,9 @@ def test_overwrite_replaces_loratools_own_adapter_output(adapters, tmp_path: Pat
     assert code == 1 and "--overwrite" in text
     code, text = run("stack", adapters["all-linear"], adapters["second"], out, "--method", "cat", "--overwrite")
     assert code == 0, text
-    record = loratools.pipeline.read_adapter_record(out)
+    from loratools.ops.undo import read_file_record
+
+    record = read_file_record(out)
     assert record["operation"] == "stack --method cat"
     names = [i["path"] for i in record["inputs"]]
     assert names == ["all-linear", "second"]  # names, never local absolute paths

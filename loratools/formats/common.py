@@ -96,6 +96,11 @@ def scalar(t: torch.Tensor, key: str, path: Path) -> float:
     return float(t.reshape(-1)[0])
 
 
+def with_record(metadata: dict[str, str], record: str | None) -> dict[str, str]:
+    """A written adapter's safetensors metadata with loratools' record (what made it) beside it."""
+    return {**metadata, "loratools": record} if record is not None else metadata
+
+
 def lowrank(m: LoraModule) -> LowRank:
     """The module's low-rank delta (writers are only called with kinds their format declared)."""
     if not isinstance(m.delta, LowRank):

@@ -26,7 +26,7 @@ from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
 from ..jsonio import clip, get_field, load_json
 from .common import (check_rank, check_scale, component_of, default_component, load_groups, lowrank, pattern_config,
-                     scalar)
+                     scalar, with_record)
 from .keys import group_keys, refuse_leftovers
 from .patterns import Pattern, first_match, pattern_keys, time_limit
 
@@ -173,7 +173,7 @@ def _module(f: Path, module: str, roles: dict[str, tuple[str, torch.Tensor]],
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
-          **_: object) -> list[Path]:
+          record: str | None = None, **_: object) -> list[Path]:
     """One diffusers LoRA file: PEFT-style keys, alphas in ``lora_adapter_metadata`` per component."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, LoraModule]] = {}
@@ -201,5 +201,5 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     file_meta = {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)}
     if added:
         file_meta[ADDED_KEY] = added
-    save_tensors(out / WEIGHTS, tensors, file_meta)
+    save_tensors(out / WEIGHTS, tensors, with_record(file_meta, record))
     return [out / WEIGHTS]

@@ -26,7 +26,7 @@ from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
 from ..jsonio import clip, load_json
 from .common import (alpha_of, check_rank, check_scale, component_of, default_component, fold_scale, load_groups,
-                     lowrank, most_common, scalar)
+                     lowrank, most_common, scalar, with_record)
 from .keys import group_keys
 
 NAME = "kohya"
@@ -185,7 +185,7 @@ def stem_for(target: str, components: set[str | None], default: str = "unet") ->
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
-          **_: object) -> list[Path]:
+          record: str | None = None, **_: object) -> list[Path]:
     """One ``pytorch_lora_weights``-style kohya file, real alphas, the original names in metadata."""
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, str] = {}
@@ -216,5 +216,5 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         "format": "pt",
     }
     name = "pytorch_lora_weights.safetensors"
-    save_tensors(out / name, tensors, meta)
+    save_tensors(out / name, tensors, with_record(meta, record))
     return [out / name]

@@ -22,7 +22,7 @@ from ..adapter import Adapter, lowrank_module
 from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 from ..jsonio import clip, get_field, read_json
-from .common import check_rank, check_scale, fold_scale, load_groups, lowrank, most_common, pad_rank
+from .common import check_rank, check_scale, fold_scale, load_groups, lowrank, most_common, pad_rank, with_record
 from .keys import group_keys, refuse_leftovers
 
 NAME = "mlx"
@@ -96,7 +96,7 @@ def _hub_id(value: object) -> str | None:
 
 
 def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_config: dict | None = None,
-          **_: object) -> list[Path]:
+          record: str | None = None, **_: object) -> list[Path]:
     """``adapter_config.json`` + ``adapters.safetensors`` as mlx-lm's ``load_adapters`` wants them.
 
     mlx-lm turns the modules named in ``lora_parameters.keys`` into LoRA layers — paths relative
@@ -140,5 +140,5 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         "model": _hub_id(base_model or adapter.meta.get("base_model")),
     }
     (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    save_tensors(out / WEIGHTS, tensors, {"format": "mlx"})
+    save_tensors(out / WEIGHTS, tensors, with_record({"format": "mlx"}, record))
     return [out / CONFIG, out / WEIGHTS]

@@ -17,7 +17,7 @@ from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
-from .common import alpha_of, check_factor, lowrank
+from .common import alpha_of, check_factor, lowrank, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
 
@@ -76,7 +76,8 @@ def read(path: Path, **_: object) -> Adapter:
     )
 
 
-def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: object) -> list[Path]:
+def write(adapter: Adapter, out: Path, *, base_model: str | None = None, record: str | None = None,
+          **_: object) -> list[Path]:
     """Write ``adapter`` as a PEFT folder (config + safetensors) into the existing folder ``out``.
 
     Per-module scales are kept exactly: when modules differ in scale, the most common (r, alpha) is
@@ -141,5 +142,5 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, **_: ob
         "task_type": (adapter.meta.get("config") or {}).get("task_type"),
     }
     (out / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    save_tensors(out / WEIGHTS[0], tensors, {"format": "pt"})
+    save_tensors(out / WEIGHTS[0], tensors, with_record({"format": "pt"}, record))
     return [out / CONFIG, out / WEIGHTS[0]]

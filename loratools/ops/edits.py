@@ -46,7 +46,6 @@ class Edit(ABC):
 
     label = "edit"
     replaces = False  # the value before this edit does not matter
-    restores = False  # an undo that puts an original tensor back
 
     @property
     def whole(self) -> bool:
@@ -75,9 +74,6 @@ class Edit(ABC):
 
     def bound_override(self, ref: torch.Tensor) -> torch.Tensor | None:
         """A whole-result bound for edits whose error is not a sum of products (DoRA's norm)."""
-        return None
-
-    def module_of(self) -> LoraModule | None:
         return None
 
     def describe(self, who: str) -> str:
@@ -117,9 +113,6 @@ class AddDelta(Edit):
     def grow_bound(self, mag: torch.Tensor, c: Compute) -> tuple[torch.Tensor, int]:
         i, j = self._span(mag)
         return mag + self._m().block(i, j, weight=self.weight, magnitude=True), self._m().delta.depth
-
-    def module_of(self) -> LoraModule | None:
-        return self.module
 
     def describe(self, who: str) -> str:
         m = self._m()
@@ -248,10 +241,6 @@ class Replace(Edit):
     tensor: torch.Tensor | None = None
     replaces = True
 
-    @property
-    def restores(self) -> bool:  # type: ignore[override]
-        return self.weight < 0
-
     def _t(self) -> torch.Tensor:
         if self.tensor is None:
             raise InternalError("Replace without a tensor")
@@ -270,7 +259,7 @@ class Replace(Edit):
         return self._t().float().abs(), 0  # what came before is overwritten
 
     def describe(self, who: str) -> str:
-        return f"{'restored, undoing' if self.restores else 'replaced by'} {who}"
+        return f"{'restored, undoing' if self.weight < 0 else 'replaced by'} {who}"
 
 
 # --- edits over a whole tensor --------------------------------------------------------------------

@@ -192,14 +192,14 @@ def stack(
     targets = _modules_by_target(read, ws)
     replacements, base_copies = _full_tensors(read, ws)
     modules: dict[str, LoraModule] = {}
-    exact: dict[str, torch.Tensor] = {}
+    exact: dict[str, algebra.Factors] = {}  # cat: the float64 factors of Σ wᵢ·ΔWᵢ itself
     for n_done, (target, parts) in enumerate(sorted(targets.items()), start=1):
         if opts.progress:
             opts.progress(n_done, len(targets), target)
         first = parts[0][0]
         f, note = _combine(target, parts, method, rank=rank, energy=energy, density=density, seed=seed)
         if method == "cat":
-            exact[target] = f.B @ f.A  # cat is checked against Σ wᵢ·ΔWᵢ itself
+            exact[target] = f
         bias = None
         if any(m.bias is not None for m, _ in parts):
             bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
@@ -217,8 +217,8 @@ def stack(
                             "config": read[0].meta.get("config", {}), "base_copies": sorted(base_copies)})
     if not opts.dry_run:
         written = write_adapter_output(adapter, out, opts, to=to, operation=f"stack --method {method}",
-                                       sources=adapters, expected=exact if method == "cat" else
-                                       {n: _matrix(m) for n, m in modules.items()})
+                                       sources=adapters,
+                                       expected=(lambda t: exact[t].B @ exact[t].A) if method == "cat" else None)
         result.warnings = written.notes + result.warnings
     return result
 

@@ -53,6 +53,32 @@ def read_record(ckpt: Checkpoint) -> dict | None:
     return None
 
 
+def read_file_record(path: Path) -> dict | None:
+    """The loratools record of files loratools wrote at ``path`` — one file, or a folder's
+    ``*.safetensors`` / ``*.gguf`` (safetensors metadata, GGUF key ``loratools.record``); None for
+    files of any other tool."""
+    files = [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("*.gguf")]) \
+        if path.is_dir() else []
+    for f in files:
+        if f.suffix == ".gguf":
+            return _gguf_record(f)
+        if f.suffix == ".safetensors":
+            meta = read_header(f).metadata
+            if RECORD_KEY in meta:
+                return load_json(meta[RECORD_KEY], where=f, what="the loratools record")
+    return None
+
+
+def _gguf_record(f: Path) -> dict | None:
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(f)).get_field("loratools.record")
+    except Exception:  # not readable as GGUF: not ours to replace
+        return None
+    return None if field is None else load_json(str(field.contents()), where=f, what="the loratools record")
+
+
 def encode_positions(changed: torch.Tensor) -> torch.Tensor:
     """Flat positions of the True entries of a bool tensor: int32 indices when few, else a packed
     bit mask (uint8) — whichever is smaller. Encoded at once so undo data stays small in memory."""
