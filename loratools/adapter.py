@@ -93,6 +93,25 @@ class LoraModule:
             dw = d.rows(i, j, dtype=dtype, device=device, weight=w)
         return dw.reshape(j - i, *self.stored_shape[1:])
 
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(L, R, scale) with scale · L @ R = ΔW in the stored tensor's layout, viewed as a matrix
+        (rows × the rest); None for deltas without a low-rank form. What the merge kernel adds."""
+        d = self.delta
+        if not isinstance(d, LowRank):
+            return None
+        if self.transposed:  # stored (in, out): ΔWᵀ = Aᵀ Bᵀ
+            return d.A.T, d.B.T, float(d.scale)
+        return d.B, d.A, float(d.scale)
+
+    def take(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0,
+             magnitude: bool = False) -> torch.Tensor:
+        """weight · ΔW at stored rows ``idx`` (any rows, in the given order), formed from the delta's
+        own factors in ``dtype`` — what verification re-computes, apart from the merge's kernels."""
+        d = self.delta.magnitude() if magnitude else self.delta
+        w = abs(weight) if magnitude else weight
+        rows = (d.T if self.transposed else d).take_rows(idx, dtype=dtype, weight=w)
+        return rows.reshape(len(idx), *self.stored_shape[1:])
+
     def with_(self, **changes: Any) -> "LoraModule":
         return replace(self, **changes)
 

@@ -69,6 +69,12 @@ class Delta(ABC):
     def matrix(self, *, dtype: torch.dtype = torch.float32, device: Device = None, weight: float = 1.0) -> torch.Tensor:
         return self.rows(0, self.out_features, dtype=dtype, device=device, weight=weight)
 
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        """weight · ΔW[idx, :] for any row indices (kinds with factors override it: one product)."""
+        if len(idx) == 0:
+            return torch.zeros(0, self.in_features, dtype=dtype)
+        return torch.cat([self.rows(int(i), int(i) + 1, dtype=dtype, weight=weight) for i in idx])
+
     @abstractmethod
     def magnitude(self) -> Delta:
         """A delta whose ΔW bounds |each term| of this one's products (all entries ≥ 0)."""
@@ -151,6 +157,9 @@ class LowRank(Delta):
     def cols(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
              weight: float = 1.0) -> torch.Tensor:
         return replace(self, A=self.A[:, i:j]).matrix(dtype=dtype, device=device, weight=weight)
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        return (self.B[idx].to(dtype) @ self.A.to(dtype)) * (float(weight) * float(self.scale))
 
     def magnitude(self) -> LowRank:
         return LowRank(self.A.float().abs(), self.B.float().abs(), abs(float(self.scale)))

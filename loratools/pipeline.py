@@ -40,7 +40,7 @@ from .ops.execute import Result, write_plan
 from .ops.plan import AdapterInput, Plan, file_sha256
 from .ops.undo import legacy_undo, read_file_record, undo_dir
 from .options import LAYOUTS, Options
-from .verify import VerifyReport, verify_written
+from .verify import ShardChecker, VerifyReport, verify_written
 
 __all__ = ["Base", "AdapterGroup", "open_base", "bind_groups", "prepare_adapter", "inspect_adapter", "Inspection",
            "run_checkpoint", "write_adapter_output", "commit", "Planner"]
@@ -398,15 +398,29 @@ def run_checkpoint(base_ref: str | Path, groups: Sequence[AdapterGroup], out: st
 def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, result: Result, report: VerifyReport, *,
                single_name: str | None = None, prefix: str = "") -> None:
     """write → check for one checkpoint; the totals go into ``result``."""
-    part, files = write_plan(plan, folder, compute=compute, single_name=single_name, progress=options.progress)
+    fp64 = compute.dtype == torch.float64
+    checker = ShardChecker(plan, fp64=fp64) if options.verify == "sample" else None
+    try:
+        part, files, ranges = write_plan(plan, folder, compute=compute, single_name=single_name,
+                                         progress=options.progress, fingerprints=options.verify != "none",
+                                         on_shard=checker)
+    except BaseException:
+        if checker is not None:
+            checker.close()
+        raise
     if options.verify != "none":
-        checked = verify_written(plan, files, fp64=compute.dtype == torch.float64, progress=options.progress)
+        if checker is not None:
+            checked = checker.report()
+        else:
+            checked = verify_written(plan, files, fp64=fp64, progress=options.progress, ranges=ranges)
         if not checked.ok:
             raise VerificationError(
                 f"{plan.operation}: the written output failed verification; nothing was written. " + checked.summary(),
                 hint="This is a bug in loratools or a failing disk; please report it with the command you ran.",
             )
         report.checks += checked.checks
+        report.level, report.sample_rows, report.seed = checked.level, checked.sample_rows, checked.seed
+        report.bytes_checked += checked.bytes_checked
     result.changed += [prefix + n for n in part.changed]
     result.copied += part.copied
     result.bytes_written += part.bytes_written

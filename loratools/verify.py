@@ -15,6 +15,8 @@ operation did not change must be bit-identical to its source: their bytes are co
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,12 @@ import torch
 from .adapter import LoraModule
 from .checkpoint.reader import Checkpoint
 from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
+from .checkpoint.stream import Range, check_ranges
 from .deltas import LowRank
 from .dtypes import BY_ST
-from .ops.edits import Compute, apply_edits, error_bound, row_blocks
-from .ops.plan import Plan, TensorPlan
+from .errors import VerificationError
+from .ops.edits import U32, AddDelta, Compute, Edit, apply_edits, error_bound, row_blocks
+from .ops.plan import Plan, ShardPlan, TensorPlan
 
 # (mantissa bits, smallest normal exponent) per floating dtype
 VERIFY_CHUNK = 1 << 20  # elements per block: small enough to stay in cache
@@ -61,6 +65,7 @@ class TensorCheck:
     mismatched: int = 0
     numel: int = 0
     bound_ratio: float = 0.0  # the largest error / its bound: ≤ 1 passes
+    sampled: int = 0  # rows re-computed (0: every element)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +75,15 @@ class TensorCheck:
 @dataclass
 class VerifyReport:
     checks: list[TensorCheck] = field(default_factory=list)
+    level: str = "full"  # "sample": seeded rows of each changed tensor; "full": every element
+    bytes_checked: int = 0  # bytes of written files read back against the fingerprints taken as they were computed
+    sample_rows: int = 0  # rows per changed tensor (level "sample")
+    seed: int = 0
+
+    def miss_probability(self, wrong: float = 0.1) -> float:
+        """The probability that a changed tensor with a fraction ``wrong`` of wrong rows passes the
+        row sample: at most (1 − wrong)^k for k rows drawn without replacement."""
+        return (1.0 - wrong) ** self.sample_rows if self.level == "sample" else 0.0
 
     @property
     def ok(self) -> bool:
@@ -85,18 +99,39 @@ class VerifyReport:
         forward = [c for c in self.checks if c.kind == "forward"]
         worst = max((c.max_ulps for c in changed if c.kind == "changed"), default=0.0)
         if not self.ok:
-            return f"verify FAILED ({len(self.failures)} tensor(s)): " + ", ".join(c.name for c in self.failures[:10])
+            groups: dict[str, list[str]] = {}
+            for c in self.failures:
+                names = groups.setdefault(_FAILED_AS.get(c.kind, c.kind), [])
+                if c.name not in names:
+                    names.append(c.name)
+            count = len({c.name for c in self.failures})
+            return f"verify FAILED ({count} tensor(s)): " + "; ".join(
+                f"{what}: {', '.join(names[:10])}{' …' if len(names) > 10 else ''}" for what, names in groups.items())
         fwd = f", {len(forward)} layer(s) agree in a forward pass" if forward else ""
         restored = [c for c in changed if c.kind == "restored"]
         computed = len(changed) - len(restored)
         parts = []
         if computed or not restored:
             ratio = max((c.bound_ratio for c in changed if c.kind == "changed"), default=0.0)
-            parts.append(f"{computed} changed tensor(s) within their bound (the worst error is {ratio:.2f} of it; "
+            rows = sum(c.sampled for c in changed if c.kind == "changed")
+            how = (f" (float64 re-check of {rows:,} seeded random rows, {self.sample_rows} per tensor, seed "
+                   f"{self.seed}: a tensor with 10% of its rows wrong passes unnoticed with probability "
+                   f"≤ {100 * self.miss_probability():.1f}%)") if self.level == "sample" and rows else ""
+            parts.append(f"{computed} changed tensor(s) within their bound{how} (the worst error is {ratio:.2f} of it; "
                          f"{worst:.2f} ulp of max(|W|, |ΔW|))")
         if restored:
             parts.append(f"{len(restored)} restored bit for bit (sha256 as recorded at merge time)")
-        return f"verify OK: {', '.join(parts)}, {len(identical)} bit-identical{fwd}."
+        read = f"; {self.bytes_checked / 1e9:.2f} GB read back, byte for byte as computed" if self.bytes_checked else ""
+        return f"verify OK: {', '.join(parts)}, {len(identical)} bit-identical{fwd}{read}."
+
+
+_FAILED_AS = {
+    "bytes": "bytes read back differ from those computed",
+    "changed": "values outside their bound",
+    "identical": "differ from the base they were copied from",
+    "restored": "not restored bit for bit",
+    "forward": "forward pass disagrees",
+}
 
 
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -114,52 +149,213 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     return True
 
 
+@dataclass
+class _Tally:
+    """Errors of computed values against a float64 reference, accumulated block by block."""
+
+    bad: int = 0
+    max_ulps: float = 0.0
+    max_ratio: float = 0.0
+    max_err: float = 0.0
+    max_ref: float = 0.0
+
+    def add(self, got: torch.Tensor, ref: torch.Tensor, W64: torch.Tensor, arith: torch.Tensor | None,
+            out_dtype: torch.dtype) -> None:
+        """``arith``: the bound of the arithmetic before the final rounding (None: exact, fp64)."""
+        err = (got.to(torch.float64) - ref).abs_()
+        if out_dtype in _FLOAT_FACTS:
+            unit = ulp(ref, out_dtype)
+            bound = unit if arith is None else arith.double().add_(unit)
+            # measured in ulps of the larger of |W| and |ΔW|: where they cancel, ulps of the tiny
+            # result say nothing (an exact zero has a subnormal ulp)
+            ulps = err / ulp(torch.maximum(W64.abs(), (ref - W64).abs()), out_dtype)
+            ratio = err / bound
+        else:
+            bound = torch.zeros_like(err)
+            ulps = ratio = err
+        self.bad += int((err > bound).sum())
+        if err.numel():
+            block_err = float(err.max())
+            if not math.isfinite(block_err):  # NaN compares false above: count non-finite values here
+                self.bad += int((~torch.isfinite(err)).sum())
+            self.max_ulps = max(self.max_ulps, float(ulps.max()))
+            self.max_ratio = max(self.max_ratio, float(ratio.max()))
+            self.max_err = max(self.max_err, block_err)
+            self.max_ref = max(self.max_ref, float(ref.abs().max()))
+
+    def check(self, t: TensorPlan, numel: int, sampled: int = 0) -> TensorCheck:
+        return TensorCheck(t.name, t.out_dtype, "ok" if self.bad == 0 else "FAIL", "changed", max_ulps=self.max_ulps,
+                           rel_err=self.max_err / (self.max_ref or 1.0), mismatched=self.bad, numel=numel,
+                           bound_ratio=self.max_ratio, sampled=sampled)
+
+
 def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool = False) -> TensorCheck:
     """Compare one written tensor with the float64 reference, in row blocks."""
     out_dtype = BY_ST[t.out_dtype].torch
     src = plan.base.get(t.name)
     got_all = load_tensor(written)
     c64 = Compute(torch.float64, torch.device("cpu"))
-    max_ulps = max_err = max_ref = max_ratio = 0.0
-    bad = 0
+    tally = _Tally()
     scalar = src.dim() == 0
     for i, j in ([(0, 1)] if scalar else row_blocks(tuple(src.shape), t.ops, VERIFY_CHUNK)):
         ops = t.ops if scalar else [e.slice(i, j) for e in t.ops]
         W = src if scalar else src[i:j]
         ref = apply_edits(W.to(torch.float64), ops, c64)
-        got = got_all if scalar else got_all[i:j]
-        err = (got.to(torch.float64) - ref).abs_()
-        if out_dtype in _FLOAT_FACTS:
-            unit = ulp(ref, out_dtype)
-            bound = unit if fp64 else error_bound(ops, W, ref).double().add_(unit)
-            # measured in ulps of the larger of |W| and |ΔW|: where they cancel, ulps of the tiny
-            # result say nothing (an exact zero has a subnormal ulp)
-            W64 = W.to(torch.float64)
-            ulps = err / ulp(torch.maximum(W64.abs(), (ref - W64).abs()), out_dtype)
-            ratio = err / bound
+        tally.add(got_all if scalar else got_all[i:j], ref, W.to(torch.float64),
+                  None if fp64 else error_bound(ops, W, ref), out_dtype)
+    return tally.check(t, src.numel())
+
+
+# --- the default check: seeded rows in float64, every byte by fingerprint ---------------------------
+
+SAMPLE_ROWS = 32  # rows per changed tensor: a tensor with 10% wrong rows slips through with p ≤ 0.9**32 ≈ 3.4%
+
+
+def sample_rows(name: str, rows: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct rows of ``rows``, sorted, drawn by a generator seeded from ``seed`` and the
+    tensor's name (every tensor its own sample; the same on every run); all rows when k ≥ rows."""
+    if rows <= k:
+        return torch.arange(rows)
+    g = torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(name.encode("utf-8", "surrogatepass")))
+    return torch.randperm(rows, generator=g)[:k].sort().values
+
+
+def reference_rows(edits: list[Edit], W64: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, bound of the float32 arithmetic) at stored rows ``idx`` (W64: those rows of the
+    base in float64). Plain low-rank deltas are re-computed from their own factors in one product
+    per edit (``LoraModule.take``, not the merge kernel); other edits row by row through their own
+    float64 ``apply``."""
+    if all(type(e) is AddDelta and e.module is not None and e.window is None for e in edits):
+        ref, mag, depth = W64.clone(), W64.abs(), 0
+        for e in edits:
+            ref += e.module.take(idx, weight=e.weight)
+            mag += e.module.take(idx, weight=e.weight, magnitude=True)
+            depth += e.module.delta.depth
+        return ref, mag.mul_(1.01 * (depth + 2 + len(edits)) * U32)
+    c64 = Compute(torch.float64, torch.device("cpu"))
+    refs, bounds = [], []
+    for r, i in enumerate(idx.tolist()):
+        ops = [e.slice(i, i + 1) for e in edits]
+        W = W64[r:r + 1]
+        ref = apply_edits(W.clone(), ops, c64)
+        refs.append(ref)
+        bounds.append(error_bound(ops, W, ref).double())
+    return torch.cat(refs), torch.cat(bounds)
+
+
+def check_sample(plan: Plan, t: TensorPlan, written: TensorInfo, *, k: int = SAMPLE_ROWS, seed: int = 0,
+                 fp64: bool = False) -> TensorCheck:
+    """One written tensor at ``k`` seeded rows against the float64 reference; edits that need
+    whole columns (a DoRA norm per input) are checked in full instead."""
+    if not t.source.shape or any(e.whole for e in t.ops):
+        return check_changed(plan, t, written, fp64=fp64)
+    out_dtype = BY_ST[t.out_dtype].torch
+    idx = sample_rows(t.name, t.source.shape[0], k, seed)
+    if t.source.begin >= 0:
+        W64 = read_rows(t.source, idx).to(torch.float64)
+    else:
+        W64 = plan.base.get(t.name)[idx].to(torch.float64)
+    got_rows = read_rows(written, idx)
+    numel = math.prod(t.source.shape)
+    tally = _Tally()
+    if not t.ops:  # a cast (--dtype): exactly one rounding of the base's values
+        tally.add(got_rows, W64.to(out_dtype).to(torch.float64), W64, None, out_dtype)
+    else:
+        ref, bound = reference_rows(t.ops, W64, idx)
+        tally.add(got_rows, ref, W64, None if fp64 else bound, out_dtype)
+    return tally.check(t, numel, sampled=len(idx))
+
+
+def read_rows(info: TensorInfo, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of a stored tensor, read from its file with one pread each (the file as it is
+    on disk, through the header read back by the safetensors library, not the writer's buffers)."""
+    dtype = info.torch_dtype
+    row_bytes = info.nbytes // max(info.shape[0], 1)
+    buf = bytearray(row_bytes * len(idx))
+    with open(info.file, "rb") as f:
+        for n, i in enumerate(idx.tolist()):
+            got = os.preadv(f.fileno(), [memoryview(buf)[n * row_bytes:(n + 1) * row_bytes]], info.begin + i * row_bytes)
+            if got != row_bytes:
+                raise VerificationError(f"{info.file} ended inside tensor {info.name}.", path=info.file, tensor=info.name)
+    return torch.frombuffer(buf, dtype=dtype).view(len(idx), *info.shape[1:]) if buf else torch.empty(
+        0, *info.shape[1:], dtype=dtype)
+
+
+def check_bytes(plan: Plan, files: dict[str, Path], ranges: dict[str, list[Range]]) -> tuple[list[TensorCheck], int]:
+    """Every fingerprinted range read back from the written files; a failing range names the
+    tensors it holds. Returns (failures, bytes read)."""
+    failures: list[TensorCheck] = []
+    read = 0
+    for shard in plan.shards:
+        bad, n = _check_shard_bytes(files[shard.filename], ranges.get(shard.filename, []))
+        failures += bad
+        read += n
+    return failures, read
+
+
+def _check_shard_bytes(path: Path, ranges: list[Range]) -> tuple[list[TensorCheck], int]:
+    failures: list[TensorCheck] = []
+    bad = check_ranges(path, ranges)
+    if bad:
+        infos = read_header(path).tensors.values()
+        for r in bad:
+            hit = [i for i in infos if i.begin < r.offset + r.length and r.offset < i.end] or [None]
+            for i in hit:
+                failures.append(TensorCheck(i.name if i else r.label, i.dtype if i else "", "FAIL", "bytes"))
+    return failures, sum(r.length for r in ranges)
+
+
+def check_shard(plan: Plan, shard: ShardPlan, path: Path, ranges: list[Range], *, k: int = SAMPLE_ROWS,
+                seed: int = 0, fp64: bool = False) -> tuple[list[TensorCheck], int]:
+    """The default check of one written shard: every byte read back against the fingerprint taken
+    when it was computed (or of the source it was copied from), and ``k`` seeded rows of every
+    changed tensor re-computed in float64 from the adapters' own factors. Returns (checks, bytes read)."""
+    failures, read = _check_shard_bytes(path, ranges)
+    failed = {c.name for c in failures}
+    checks: list[TensorCheck] = []
+    header = read_header(path)
+    for t in shard.tensors:
+        info = header.tensors.get(t.name)
+        if info is None:
+            checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
+        elif t.copy and t.source.begin >= 0:
+            checks.append(TensorCheck(t.name, t.out_dtype, "FAIL" if t.name in failed else "ok", "identical"))
+        elif t.ops and plan.exact_undo and plan.undo_in is not None and t.name in plan.undo_in.patches:
+            # its sha256 was checked as it was computed; the bytes check says the file holds them
+            checks.append(TensorCheck(t.name, t.out_dtype, "FAIL" if t.name in failed else "ok", "restored"))
         else:
-            bound = torch.zeros_like(err)
-            ulps = ratio = err
-        bad += int((err > bound).sum())
-        if err.numel():
-            block_err = float(err.max())
-            if not math.isfinite(block_err):  # NaN compares false above: count non-finite values here
-                bad += int((~torch.isfinite(err)).sum())
-            max_ulps = max(max_ulps, float(ulps.max()))
-            max_ratio = max(max_ratio, float(ratio.max()))
-            max_err = max(max_err, block_err)
-            max_ref = max(max_ref, float(ref.abs().max()))
-    return TensorCheck(
-        t.name,
-        t.out_dtype,
-        "ok" if bad == 0 else "FAIL",
-        "changed",
-        max_ulps=max_ulps,
-        rel_err=max_err / (max_ref or 1.0),
-        mismatched=bad,
-        numel=src.numel(),
-        bound_ratio=max_ratio,
-    )
+            checks.append(check_sample(plan, t, info, k=k, seed=seed, fp64=fp64))
+    return checks + failures, read
+
+
+class ShardChecker:
+    """Runs :func:`check_shard` on each shard as soon as it is written, in a background thread, so
+    that the check of one shard overlaps the computation of the next; :meth:`report` waits for all."""
+
+    def __init__(self, plan: Plan, *, fp64: bool = False, k: int = SAMPLE_ROWS, seed: int = 0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.plan, self.fp64, self.k, self.seed = plan, fp64, k, seed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-verify")
+        self._jobs: list = []
+
+    def __call__(self, shard: ShardPlan, path: Path, ranges: list[Range]) -> None:
+        self._jobs.append(self._pool.submit(check_shard, self.plan, shard, path, ranges, k=self.k, seed=self.seed,
+                                            fp64=self.fp64))
+
+    def report(self) -> VerifyReport:
+        report = VerifyReport(level="sample", sample_rows=self.k, seed=self.seed)
+        try:
+            for job in self._jobs:
+                checks, read = job.result()
+                report.checks += checks
+                report.bytes_checked += read
+        finally:
+            self.close()
+        return report
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = False) -> TensorCheck:
@@ -183,10 +379,15 @@ def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = Fa
 
 
 def verify_written(plan: Plan, files: dict[str, Path], *, fp64: bool = False,
-                   progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
-    """Check files just written for ``plan`` (shard filename → path) tensor by tensor;
-    ``progress`` is told (bytes checked, bytes in all, "verify:<tensor>")."""
+                   progress: Callable[[int, int, str], None] | None = None,
+                   ranges: dict[str, list[Range]] | None = None) -> VerifyReport:
+    """Check files just written for ``plan`` (shard filename → path) tensor by tensor, every
+    element (``--verify-full``); ``progress`` is told (bytes checked, bytes in all,
+    "verify:<tensor>"). With ``ranges`` the byte fingerprints are read back too."""
     report = VerifyReport()
+    if ranges is not None:
+        failures, report.bytes_checked = check_bytes(plan, files, ranges)
+        report.checks += failures
     total = plan.total_bytes()
     done = 0
     for shard in plan.shards:

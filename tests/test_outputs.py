@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import loratools
+from loratools import verify
 from loratools.ops import execute as execute_module
+from loratools.ops import kernels
 from tests import models
 from tests.helpers import assert_close_fp32, read_tensors
 
@@ -44,19 +46,33 @@ def test_folder_base_refuses_single_file_out(bases, adapters, tmp_path: Path) ->
         loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "x.safetensors")
 
 
-def test_a_wrong_value_fails_verification_and_nothing_appears(bases, adapters, tmp_path: Path, monkeypatch) -> None:
-    real = execute_module.compute_tensor
+TARGET = "model.layers.1.mlp.up_proj.weight"
 
-    def tampered(plan, t, **kw):  # noqa: ANN001
-        value = real(plan, t, **kw)
-        if t.name == "model.layers.1.mlp.up_proj.weight":
-            value = value.clone()
-            value[3, 7] += 1e-3 * (value[3, 7].abs() + 1)
-        return value
 
-    monkeypatch.setattr(execute_module, "compute_tensor", tampered)
+def _tamper_kernel(monkeypatch, rows=None) -> None:  # noqa: ANN001
+    """Make the merge kernel wrong on TARGET: column 7 of ``rows`` (all rows when None) is off."""
+    real_emit, real_block = execute_module.emit_tensor, kernels.apply_block
+    current: dict[str, str] = {}
+
+    def emit(plan, t, writer, **kw):  # noqa: ANN001, ANN003
+        current["name"] = t.name
+        return real_emit(plan, t, writer, **kw)
+
+    def block(S, W, terms, i, j):  # noqa: ANN001
+        real_block(S, W, terms, i, j)
+        if current.get("name") == TARGET:
+            for r in range(i, j):
+                if rows is None or r in rows:
+                    S[r - i, 7] += 1e-3 * (S[r - i, 7].abs() + 1)
+
+    monkeypatch.setattr(execute_module, "emit_tensor", emit)
+    monkeypatch.setattr(kernels, "apply_block", block)
+
+
+def test_a_wrong_kernel_fails_verification_and_nothing_appears(bases, adapters, tmp_path: Path, monkeypatch) -> None:
+    _tamper_kernel(monkeypatch)
     out = tmp_path / "out"
-    with pytest.raises(loratools.VerificationError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(loratools.VerificationError, match=TARGET):
         loratools.merge(bases["llama"], [adapters["all-linear"]], out, device="cpu")
     assert list(tmp_path.iterdir()) == []
     # the same tampering with --no-verify is written: the check is what stopped it
@@ -64,18 +80,57 @@ def test_a_wrong_value_fails_verification_and_nothing_appears(bases, adapters, t
     assert out.exists()
 
 
+def test_the_row_sample_is_what_it_says_and_full_sees_every_element(bases, adapters, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """One wrong row the seeded sample does not draw passes the default check (its guarantee is
+    stated as a probability); --verify-full finds it."""
+    rows = read_tensors(bases["llama"])[TARGET].shape[0]
+    drawn = set(verify.sample_rows(TARGET, rows, verify.SAMPLE_ROWS, 0).tolist())
+    assert len(drawn) == verify.SAMPLE_ROWS < rows
+    missed = min(set(range(rows)) - drawn)
+    _tamper_kernel(monkeypatch, rows={missed})
+    result = loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "a", device="cpu")
+    assert result.verify.ok and result.verify.level == "sample"
+    with pytest.raises(loratools.VerificationError, match=TARGET):
+        loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "b", device="cpu", verify="full")
+    _tamper_kernel(monkeypatch, rows={min(drawn)})
+    with pytest.raises(loratools.VerificationError, match=TARGET):
+        loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "c", device="cpu")
+
+
+def test_bytes_changed_after_they_were_computed_fail_verification(bases, adapters, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from loratools.checkpoint import stream
+
+    real = stream._pwrite_all
+
+    def flip(fd, data, offset):  # noqa: ANN001
+        data = bytearray(data)
+        data[-1] ^= 0x01  # what reaches the file is not what was computed
+        real(fd, memoryview(data), offset)
+
+    monkeypatch.setattr(stream, "_pwrite_all", flip)
+    with pytest.raises(loratools.VerificationError, match="bytes read back differ from those computed: model"):
+        loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "o", device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_changed_copy_fails_verification(bases, adapters, tmp_path: Path, monkeypatch) -> None:
-    from loratools.checkpoint import safetensors_io
+    import os
 
-    real = safetensors_io.StreamWriter.copy_range
+    from loratools.checkpoint import stream
 
-    def flip(self, name, info):  # noqa: ANN001
-        real(self, name, info)
-        if name == "model.norm.weight":
-            self._f.seek(-1, 1)
-            self._f.write(b"\x01")
+    real = stream._copy_range
+    src = read_tensors(bases["llama"])
 
-    monkeypatch.setattr(safetensors_io.StreamWriter, "copy_range", flip)
+    def flip(path, begin, fd, offset, length):  # noqa: ANN001
+        real(path, begin, fd, offset, length)
+        if length == src["model.norm.weight"].numel() * src["model.norm.weight"].element_size():
+            with open(path, "rb") as f:  # the output is open write-only: flip the source's last byte
+                f.seek(begin + length - 1)
+                os.pwrite(fd, bytes([f.read(1)[0] ^ 0x01]), offset + length - 1)
+
+    monkeypatch.setattr(stream, "_copy_range", flip)
     with pytest.raises(loratools.VerificationError, match="model.norm.weight"):
         loratools.merge(bases["llama"], [adapters["all-linear"]], tmp_path / "o", device="cpu")
     assert list(tmp_path.iterdir()) == []
@@ -86,10 +141,12 @@ def test_failure_midway_leaves_existing_out_untouched(bases, adapters, tmp_path:
     shutil.copytree(bases["llama"], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
+    from loratools.checkpoint import stream
+
     def boom(*a, **k):  # noqa: ANN002, ANN003
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(execute_module, "compute_tensor", boom)
+    monkeypatch.setattr(stream, "_pwrite_all", boom)  # the disk fills up under the writer thread
     with pytest.raises(OSError):
         loratools.merge(bases["llama"], [adapters["all-linear"]], out, device="cpu", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

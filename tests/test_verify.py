@@ -104,19 +104,31 @@ def test_a_merge_made_by_peft_verifies_clean(bases, adapters, tmp_path: Path) ->
 
 
 def test_transposed_delta_passes_a_self_check_but_not_forward(bases, adapters, tmp_path: Path, monkeypatch) -> None:
-    """Simulate an orientation bug in the one ΔW function of the low-rank kind: merge and its own
-    verification agree with each other (both use it); --forward, which runs x → A → B through the
-    layer, does not."""
+    """Simulate an orientation bug in what the low-rank kind knows about ΔW (its rows, its rows at
+    any indices, the factors the merge kernel adds): merge and the element checks agree with each
+    other (all read that knowledge); --forward, which runs x → A → B through the layer, does not."""
+    from loratools.adapter import LoraModule
     from loratools.deltas import LowRank
 
-    real = LowRank.rows
+    real, real_take, real_factors = LowRank.rows, LowRank.take_rows, LoraModule.stored_factors
 
     def transposed_on_square(self, i, j, **kw):  # noqa: ANN001, ANN003
         if self.out_features != self.in_features:
             return real(self, i, j, **kw)
         return real(self, 0, self.out_features, **kw).T[i:j]
 
+    def take_transposed(self, idx, **kw):  # noqa: ANN001, ANN003
+        if self.out_features != self.in_features:
+            return real_take(self, idx, **kw)
+        return real(self, 0, self.out_features, **kw).T[idx]
+
+    def factors_transposed(self):  # noqa: ANN001
+        L, R, s = real_factors(self)
+        return (R.T, L.T, s) if self.fan_in == self.fan_out else (L, R, s)
+
     monkeypatch.setattr(LowRank, "rows", transposed_on_square)
+    monkeypatch.setattr(LowRank, "take_rows", take_transposed)
+    monkeypatch.setattr(LoraModule, "stored_factors", factors_transposed)
     out = tmp_path / "m"
     result = loratools.merge(bases["llama"], [adapters["all-linear"]], out, device="cpu")
     assert result.verify.ok  # the naive self-check repeats the mistake

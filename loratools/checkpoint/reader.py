@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ..dtypes import BY_TORCH
 from ..errors import CheckpointNotFoundError, CorruptFileError, UnsupportedAdapterError
 from ..jsonio import SourcedDict, clip, get_field, read_json
 from .safetensors_io import Header, TensorInfo, load_tensor, load_tensors, read_header
+from .stream import mapped
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -59,6 +62,23 @@ class Checkpoint:
         if name in self._pickled:
             return self._pickled[name].clone()
         return load_tensor(self.tensors[name])
+
+    @contextmanager
+    def view(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor as a read-only view of the page cache (no copy), unmapped when the block ends;
+        drop every view of it by then. Pickled tensors are already in memory."""
+        if name in self._pickled:
+            yield self._pickled[name]
+            return
+        info = self.tensors[name]
+        dtype = info.torch_dtype
+        with mapped(info.file, info.begin, info.nbytes, dtype) as flat:
+            t = flat.view(info.shape)
+            del flat
+            try:
+                yield t
+            finally:
+                del t
 
     def drop(self, names: set[str]) -> None:
         """Leave tensors out of this checkpoint (LoRA factors stored beside the weights they adapt)."""

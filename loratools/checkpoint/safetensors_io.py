@@ -386,11 +386,18 @@ class StreamWriter:
     ``entries`` are (name, safetensors dtype, shape). The data is laid out largest item size first
     (a stable sort, so the given order holds among equal sizes): as the data starts 8-byte aligned,
     every tensor starts at a multiple of its item size. :attr:`order` holds the names in that
-    order; call :meth:`write_tensor` or :meth:`copy_range` once per name, in that order, then
-    :meth:`close`. The header lists the entries in the given order.
+    order; write each name once, in that order — :meth:`write_tensor` (a whole tensor),
+    :meth:`copy_range` (bytes of another file, copied by the kernel), or :meth:`begin`, then
+    :meth:`reserve` room for each computed block and fill it, then :meth:`end` — and :meth:`close`.
+    The header lists the entries in the given order. The data goes through a
+    :class:`~loratools.checkpoint.stream.Stage` (a background writer); :attr:`ranges` holds the
+    fingerprinted byte ranges for reading back.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *,
+                 fingerprints: bool = True):
+        from .stream import Stage
+
         entries = list(entries)
         header: dict[str, object] = {}
         if metadata:
@@ -405,6 +412,7 @@ class StreamWriter:
         planned = {name: (dtype, tuple(int(s) for s in shape)) for name, dtype, shape in entries}
         offset = 0
         self._expected: list[tuple[str, str, int]] = []
+        self.offsets: dict[str, tuple[int, int]] = {}  # name → (begin, end), relative to the data start
         for name in self.order:
             dtype, shape = planned[name]
             n = BY_ST[dtype].itemsize
@@ -412,22 +420,30 @@ class StreamWriter:
                 n *= s
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             self._expected.append((name, dtype, n))
+            self.offsets[name] = (offset, offset + n)
             offset += n
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, like the reference writer's
         self.path = path
+        self.data_start = 8 + len(raw)
         _forget(path)
         self._f: BinaryIO = open(path, "wb")
         try:
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
+            self._f.flush()
         except BaseException:
             self._f.close()
             raise
+        self._stage = Stage(self._f.fileno(), self.data_start, fingerprints=fingerprints)
         self._next = 0
+        self._open: tuple[str, int] | None = None  # the tensor being written, bytes still due
         self.total = offset
+        self.ranges: list = []
 
     def _take(self, name: str, dtype: str, nbytes: int) -> None:
+        if self._open is not None:
+            raise _internal(f"writing {name!r} before {self._open[0]!r} is complete")
         if self._next >= len(self._expected):
             raise _internal(f"writing {name!r} after all {len(self._expected)} planned tensors of {self.path}")
         want, want_dtype, n = self._expected[self._next]
@@ -436,33 +452,54 @@ class StreamWriter:
         if dtype != want_dtype or nbytes != n:
             raise _internal(f"{name!r} is {dtype} of {nbytes} bytes, {want_dtype} of {n} planned")
         self._next += 1
+        self._stage.label(name)
+
+    def begin(self, name: str, dtype: str) -> None:
+        """Start tensor ``name`` (the next planned one), written block by block with :meth:`reserve`."""
+        n = self._expected[self._next][2] if self._next < len(self._expected) else -1
+        self._take(name, dtype, n)
+        self._open = (name, n)
+
+    def reserve(self, nbytes: int) -> torch.Tensor:
+        """Room for the next ``nbytes`` of the open tensor: a flat uint8 tensor to fill now."""
+        if self._open is None or nbytes > self._open[1]:
+            raise _internal(f"reserving {nbytes} bytes beyond the open tensor of {self.path}")
+        self._open = (self._open[0], self._open[1] - nbytes)
+        return self._stage.reserve(nbytes)
+
+    def put(self, t: torch.Tensor) -> None:
+        """The next bytes of the open tensor, from a CPU tensor."""
+        nbytes = t.numel() * t.element_size()
+        if self._open is None or nbytes > self._open[1]:
+            raise _internal(f"writing {nbytes} bytes beyond the open tensor of {self.path}")
+        self._open = (self._open[0], self._open[1] - nbytes)
+        self._stage.put(t)
+
+    def end(self) -> None:
+        if self._open is None or self._open[1] != 0:
+            raise _internal(f"tensor {self._open[0] if self._open else None!r} of {self.path} ended early")
+        self._open = None
 
     def write_tensor(self, name: str, t: torch.Tensor) -> None:
-        data = tensor_bytes(t)
-        self._take(name, st_name(t.dtype), data.nbytes)
-        self._f.write(data)
+        self.begin(name, st_name(t.dtype))
+        self.put(t)
+        self.end()
 
     def copy_range(self, name: str, info: TensorInfo) -> None:
         self._take(name, info.dtype, info.nbytes)
-        with open(info.file, "rb") as src:
-            src.seek(info.begin)
-            left = info.nbytes
-            while left:
-                chunk = src.read(min(COPY_CHUNK, left))
-                if not chunk:
-                    raise CorruptFileError(f"{info.file} ended inside tensor {info.name!r}.", path=info.file)
-                self._f.write(chunk)
-                left -= len(chunk)
+        self._stage.copy(info.file, info.begin, info.nbytes)
 
     def close(self) -> None:
-        if self._next != len(self._expected):
-            self._f.close()
+        if self._next != len(self._expected) or self._open is not None:
+            self.abort()
             raise _internal(f"{len(self._expected) - self._next} tensors not written to {self.path}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self.ranges = self._stage.close()
+        finally:
+            self._f.close()
 
     def abort(self) -> None:
+        self._stage.abort()
         self._f.close()
 
 

@@ -7,7 +7,9 @@ place is the pipeline's (``loratools/pipeline.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -19,11 +21,14 @@ import torch
 
 from .. import __version__
 from ..checkpoint.safetensors_io import StreamWriter, read_header
+from ..checkpoint.stream import BUFFER_BYTES, Range
 from ..dtypes import BY_ST
 from ..errors import InternalError, NonFiniteError, VerificationError
+from . import kernels
 from .edits import AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
-from .plan import Plan, TensorPlan, UndoData
-from .undo import UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_positions, tensor_sha256, undo_dir
+from .plan import Plan, ShardPlan, TensorPlan, UndoData
+from .undo import (UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_indices, encode_positions, tensor_sha256,
+                   undo_dir)
 
 Progress = Callable[[int, int, str], None]
 
@@ -80,18 +85,38 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 SWAMP = 10.0  # ‖Σ wᵢΔWᵢ‖ beyond this many times ‖W‖ is worth a warning
 
 
-def swamp_warning(t: TensorPlan, src: torch.Tensor) -> str | None:
+def swamp_warning(t: TensorPlan, src: torch.Tensor, *, first_rows: int = 0) -> str | None:
     """A warning when the deltas added to a tensor outweigh it many times over (a weight of 1e4
-    typed for 1e-4): the merge is exact, but the model is likely no longer the base's."""
+    typed for 1e-4): the merge is exact, but the model is likely no longer the base's. With
+    ``first_rows``, ‖W‖ is estimated from the tensor's first rows (the block about to be read
+    anyway: no pass over the whole tensor, no scattered reads)."""
     deltas = [e for e in t.ops if isinstance(e, AddDelta) and not isinstance(e, (Dora, AddBias))]
     if not deltas or src.dim() == 0 or not src.is_floating_point():
         return None
+    if 0 < first_rows < src.shape[0]:
+        head = float(torch.linalg.vector_norm(src[:first_rows], dtype=torch.float32))
+        base = head * math.sqrt(src.shape[0] / first_rows)
+        # ‖ΔW‖ ≤ |s|·‖B‖·‖A‖ is cheap, and most adapters are far below the threshold by it
+        if sum(abs(e.weight) * _norm_bound(e.module) for e in deltas if e.module is not None) <= SWAMP * base:
+            return None
+    else:
+        base = float(torch.linalg.vector_norm(src.double()))
     added = sum(abs(e.weight) * e.module.delta.norm() for e in deltas if e.module is not None)
-    base = float(torch.linalg.vector_norm(src.float()))
+    if added == 0:
+        return None
     if added > SWAMP * max(base, 1e-30):
         return (f"{t.name}: the weighted ΔW is {added / max(base, 1e-30):.3g}× the size of the base tensor "
                 "(‖wΔW‖/‖W‖); at these weights the adapter swamps the base — check --weight")
     return None
+
+
+def _norm_bound(m: Any) -> float:
+    """An upper bound on ‖ΔW‖_F: |s|·‖B‖·‖A‖ for low-rank deltas, the exact norm otherwise."""
+    stored = m.stored_factors()
+    if stored is None:
+        return m.delta.norm()
+    L, R, scale = stored
+    return abs(scale) * float(torch.linalg.vector_norm(L.float())) * float(torch.linalg.vector_norm(R.float()))
 
 
 def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
@@ -136,14 +161,104 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
         positions, val = undo_in.patches[t.name]
         result.reshape(-1)[decode_positions(positions, result.numel())] = val.to(result.dtype)
         if tensor_sha256(result) != undo_in.sha256.get(t.name):
-            raise VerificationError(
-                f"{plan.operation}: {t.name} did not come back bit for bit (its sha256 differs from the one recorded "
-                "at merge time); nothing was written.",
-                tensor=t.name,
-                hint="The arithmetic differs from the merge's (another device or BLAS?). Run unmerge with "
-                "--no-exact to accept the rounding-level result (within 1 ulp).",
-            )
+            raise _not_restored(plan, t)
     return result
+
+
+def _non_finite(plan: Plan, t: TensorPlan, src_block: torch.Tensor) -> NonFiniteError:
+    had = "" if _finite(src_block) else " (the input tensor already held non-finite values)"
+    return NonFiniteError(
+        f"{plan.operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
+        tensor=t.name,
+        hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
+        "nothing was written.",
+    )
+
+
+def emit_tensor(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Compute,
+                undo_out: UndoData | None = None, warnings: list[str] | None = None) -> None:
+    """Compute one planned tensor and write it: through the kernel (``ops/kernels.py``) when its
+    edits are plain low-rank deltas or a cast, else whole through :func:`compute_tensor`."""
+    out_dtype = BY_ST[t.out_dtype].torch
+    if t.source.begin >= 0 and out_dtype is not None:
+        with plan.base.view(t.name) as src:
+            terms = kernels.lowrank_terms(t.ops, compute) if kernels.fits(src, out_dtype, compute) else None
+            if terms is not None:
+                _emit_blocks(plan, t, src, terms, writer, out_dtype=out_dtype, compute=compute, undo_out=undo_out,
+                             warnings=warnings)
+                del src
+                return
+            del src
+    value = compute_tensor(plan, t, compute=compute, undo_out=undo_out, warnings=warnings)
+    writer.write_tensor(t.name, value)
+
+
+def _emit_blocks(plan: Plan, t: TensorPlan, src: torch.Tensor, terms: list[kernels.Term], writer: StreamWriter, *,
+                 out_dtype: torch.dtype, compute: Compute, undo_out: UndoData | None,
+                 warnings: list[str] | None) -> None:
+    """The kernel over row blocks, each rounded straight into the writer's buffer. Undo data as
+    :func:`compute_tensor` keeps it: with a reversible plan the positions where taking the deltas
+    out again would not give the original bits back (found block by block with the same kernel);
+    for an exact unmerge the stored values put back and the sha256 of the result checked."""
+    rows = src.shape[0]
+    cols = src.numel() // rows
+    W = src.reshape(rows, cols)
+    itemsize = BY_ST[t.out_dtype].itemsize
+    step = kernels.rows_per_block(cols, itemsize, BUFFER_BYTES)
+    if warnings is not None and t.ops and (note := swamp_warning(t, src, first_rows=step)):
+        warnings.append(note)
+    S = torch.empty(step * cols, dtype=compute.dtype, device=compute.device)
+    limit = kernels.finite_limit(out_dtype)
+    reversible = bool(undo_out is not None and plan.reversible and out_dtype == src.dtype and terms)
+    back_terms = [(L, R, -a) for L, R, a in terms]
+    kept_at: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+    undo_in = plan.undo_in
+    exact = plan.exact_undo and undo_in is not None and t.name in undo_in.patches
+    if exact:
+        encoded, values = undo_in.patches[t.name]
+        positions = decode_positions(encoded, src.numel())
+        hasher = hashlib.sha256()
+    ints = _INTS[itemsize]
+    writer.begin(t.name, t.out_dtype)
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        block = S[:(j - i) * cols].view(j - i, cols)
+        kernels.apply_block(block, W[i:j], terms, i, j)
+        if not kernels.in_range(block, limit):
+            raise _non_finite(plan, t, W[i:j])
+        out = writer.reserve((j - i) * cols * itemsize).view(out_dtype).view(j - i, cols)
+        out.copy_(block)
+        if reversible:
+            kernels.apply_block(block, out, back_terms, i, j)
+            differ = (block.to(src.dtype).cpu().view(ints) != W[i:j].view(ints)).view(-1)
+            if bool(differ.any()):
+                kept_at.append(torch.nonzero(differ).view(-1) + i * cols)
+                kept.append(W[i:j].reshape(-1)[differ].clone())
+        if exact:
+            lo, hi = (int(x) for x in torch.searchsorted(positions, torch.tensor([i * cols, j * cols])))
+            if hi > lo:
+                out.view(-1)[positions[lo:hi] - i * cols] = values[lo:hi].to(out_dtype)
+            hasher.update(out.view(-1).view(torch.uint8).numpy())
+    writer.end()
+    if kept_at and undo_out is not None:
+        undo_out.patches[t.name] = (encode_indices(torch.cat(kept_at), src.numel()), torch.cat(kept))
+        undo_out.sha256[t.name] = hashlib.sha256(src.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    if exact and hasher.hexdigest() != undo_in.sha256.get(t.name):
+        raise _not_restored(plan, t)
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _not_restored(plan: Plan, t: TensorPlan) -> VerificationError:
+    return VerificationError(
+        f"{plan.operation}: {t.name} did not come back bit for bit (its sha256 differs from the one recorded "
+        "at merge time); nothing was written.",
+        tensor=t.name,
+        hint="The arithmetic differs from the merge's (another device or BLAS?). Run unmerge with "
+        "--no-exact to accept the rounding-level result (within 1 ulp).",
+    )
 
 
 def provenance(plan: Plan) -> dict[str, str]:
@@ -165,10 +280,15 @@ def write_plan(
     compute: Compute,
     single_name: str | None = None,
     progress: Progress | None = None,
-) -> tuple[Result, dict[str, Path]]:
+    fingerprints: bool = True,
+    on_shard: Callable[[ShardPlan, Path, list[Range]], None] | None = None,
+) -> tuple[Result, dict[str, Path], dict[str, list[Range]]]:
     """Write ``plan``'s files into ``folder`` (a temporary folder: nothing here is atomic).
     ``single_name``: write the one shard under this name (a single-file output) and no index or
-    side files. Returns the result and the written file of each planned shard."""
+    side files. Returns the result, the written file of each planned shard, and (with
+    ``fingerprints``) the fingerprinted byte ranges of each, for :func:`stream.check_ranges`.
+    ``on_shard`` is called with each shard as soon as its file is complete (to check it while the
+    next one is computed)."""
     start = time.perf_counter()
     total = plan.total_bytes()
     done = 0
@@ -178,8 +298,9 @@ def write_plan(
     folder.mkdir(parents=True, exist_ok=True)
     own = undo_dir(folder / single_name, True) if single_name else undo_dir(folder, False)
     spill = UndoSpill(own / "parts")
-    written: list[tuple[Path, list[TensorPlan]]] = []
+    written: list[tuple[Path, list[TensorPlan], dict[str, tuple[int, int]]]] = []
     files: dict[str, Path] = {}
+    ranges: dict[str, list[Range]] = {}
     for shard in plan.shards:
         base_meta = {}
         src_header = next((s.header for s in plan.base.shards if s.filename == shard.filename), None)
@@ -189,7 +310,8 @@ def write_plan(
         base_meta.update(meta_extra)
         path = folder / (single_name or shard.filename)
         by_name = {t.name: t for t in shard.tensors}
-        writer = StreamWriter(path, [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors], base_meta)
+        writer = StreamWriter(path, [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors], base_meta,
+                              fingerprints=fingerprints)
         try:
             for name in writer.order:
                 t = by_name[name]
@@ -197,9 +319,7 @@ def write_plan(
                     writer.copy_range(t.name, t.source)
                     result.copied += 1
                 else:
-                    value = compute_tensor(plan, t, compute=compute, undo_out=undo_out, warnings=result.warnings)
-                    writer.write_tensor(t.name, value)
-                    del value
+                    emit_tensor(plan, t, writer, compute=compute, undo_out=undo_out, warnings=result.warnings)
                     spill.add(undo_out)
                     if t.ops:
                         result.changed.append(t.name)
@@ -213,8 +333,12 @@ def write_plan(
             raise
         writer.close()
         result.bytes_written += path.stat().st_size
-        written.append((path, shard.tensors))
+        written.append((path, shard.tensors, {n: (writer.data_start + b, writer.data_start + e)
+                                              for n, (b, e) in writer.offsets.items()}))
         files[shard.filename] = path
+        ranges[shard.filename] = writer.ranges
+        if on_shard is not None:
+            on_shard(shard, path, writer.ranges)
     check_written(written)
     if plan.undo_in is not None:  # keep what later unmerges of the remaining adapters still need
         for name, norm in plan.undo_in.norms.items():
@@ -241,7 +365,7 @@ def write_plan(
             else:
                 shutil.copy2(extra, folder / extra.name)
     result.seconds = time.perf_counter() - start
-    return result, files
+    return result, files, ranges
 
 
 TORCH_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -260,11 +384,12 @@ def write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
     dst.write_text(dump_json(cfg, indent=2) + "\n")
 
 
-def check_written(written: list[tuple[Path, list[TensorPlan]]]) -> None:
-    """Read every written header back: names, dtypes and shapes must be those planned."""
-    for path, tensors in written:
+def check_written(written: list[tuple[Path, list[TensorPlan], dict[str, tuple[int, int]]]]) -> None:
+    """Read every written header back (validated by the safetensors library): names, dtypes, shapes
+    and byte ranges must be those planned — the ranges the byte check reads back are the tensors."""
+    for path, tensors, offsets in written:
         header = read_header(path)
-        want = {t.name: (t.out_dtype, tuple(t.source.shape)) for t in tensors}
-        got = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+        want = {t.name: (t.out_dtype, tuple(t.source.shape), offsets[t.name]) for t in tensors}
+        got = {n: (i.dtype, i.shape, (i.begin, i.end)) for n, i in header.tensors.items()}
         if want != got:
             raise InternalError(f"{path.name} does not hold what was planned; nothing was written.")

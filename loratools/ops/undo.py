@@ -91,6 +91,16 @@ def encode_positions(changed: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(flat).reshape(-1).to(torch.int32 if n < 2**31 else torch.int64)
 
 
+def encode_indices(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """:func:`encode_positions` from sorted flat indices (found block by block) instead of a mask."""
+    index_bytes = idx.numel() * (4 if numel < 2**31 else 8)
+    if index_bytes > (numel + 7) // 8:
+        bits = np.zeros((numel + 7) // 8 * 8, dtype=np.uint8)
+        bits[idx.numpy()] = 1
+        return torch.from_numpy(np.packbits(bits))
+    return idx.to(torch.int32 if numel < 2**31 else torch.int64)
+
+
 def decode_positions(encoded: torch.Tensor, numel: int) -> torch.Tensor:
     if encoded.dtype == torch.uint8:
         return torch.from_numpy(np.flatnonzero(np.unpackbits(encoded.numpy())[:numel]))
