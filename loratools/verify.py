@@ -26,7 +26,7 @@ import torch
 from .adapter import LoraModule
 from .checkpoint.reader import Checkpoint
 from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read_header
-from .checkpoint.stream import Range, check_ranges
+from .checkpoint.stream import Range, check_ranges, mapped
 from .deltas import LowRank
 from .dtypes import BY_ST
 from .errors import VerificationError
@@ -192,18 +192,22 @@ class _Tally:
 def check_changed(plan: Plan, t: TensorPlan, written: TensorInfo, *, fp64: bool = False) -> TensorCheck:
     """Compare one written tensor with the float64 reference, in row blocks."""
     out_dtype = BY_ST[t.out_dtype].torch
-    src = plan.base.get(t.name)
-    got_all = load_tensor(written)
     c64 = Compute(torch.float64, torch.device("cpu"))
     tally = _Tally()
-    scalar = src.dim() == 0
-    for i, j in ([(0, 1)] if scalar else row_blocks(tuple(src.shape), t.ops, VERIFY_CHUNK)):
-        ops = t.ops if scalar else [e.slice(i, j) for e in t.ops]
-        W = src if scalar else src[i:j]
-        ref = apply_edits(W.to(torch.float64), ops, c64)
-        tally.add(got_all if scalar else got_all[i:j], ref, W.to(torch.float64),
-                  None if fp64 else error_bound(ops, W, ref), out_dtype)
-    return tally.check(t, src.numel())
+    # both read through maps that live as long as this tensor: memory stays one tensor's worth
+    with plan.base.view(t.name) as src, mapped(written.file, written.begin, written.nbytes,
+                                               written.torch_dtype) as flat:
+        got_all = flat.view(written.shape)
+        scalar = src.dim() == 0
+        for i, j in ([(0, 1)] if scalar else row_blocks(tuple(src.shape), t.ops, VERIFY_CHUNK)):
+            ops = t.ops if scalar else [e.slice(i, j) for e in t.ops]
+            W = src if scalar else src[i:j]
+            ref = apply_edits(W.to(torch.float64), ops, c64)
+            tally.add(got_all if scalar else got_all[i:j], ref, W.to(torch.float64),
+                      None if fp64 else error_bound(ops, W, ref), out_dtype)
+        numel = src.numel()
+        W = got_all = flat = src = None  # noqa: F841 (the maps close with the last view)
+    return tally.check(t, numel)
 
 
 # --- the default check: seeded rows in float64, every byte by fingerprint ---------------------------

@@ -117,3 +117,30 @@ def test_quiet_and_json_outputs(adapters, tmp_path: Path) -> None:
     assert code == 0 and text == ""
     code, text = run("info", adapters["all-linear"], "-q")
     assert code == 0 and len(text.strip().splitlines()) == 1
+
+
+def test_verify_levels_on_the_command_line(bases, adapters, tmp_path: Path) -> None:
+    """The default check says what it checked and how likely it is to miss; --verify-full checks
+    every element; the two contradicting flags are a usage error."""
+    code, out = run("merge", bases["llama"], adapters["all-linear"], tmp_path / "a")
+    assert code == 0, out
+    assert "seeded random rows" in out and "probability" in out and "read back, byte for byte" in out
+    code, out = run("merge", bases["llama"], adapters["all-linear"], tmp_path / "b", "--json")
+    report = json.loads(out)["verify"]
+    assert report["ok"] and report["level"] == "sample" and report["rows_per_tensor"] == 32
+    assert report["bytes_read_back"] == sum(p.stat().st_size - _data_start(p)
+                                            for p in (tmp_path / "b").glob("*.safetensors"))
+    assert 0 < report["miss_probability_10pct_rows_wrong"] < 0.05
+    changed = [t for t in report["tensors"] if t["kind"] == "changed"]
+    assert changed and all(t["rows_checked"] and t["bound_ratio"] <= 1 for t in changed)
+    code, out = run("merge", bases["llama"], adapters["all-linear"], tmp_path / "c", "--verify-full", "--json")
+    report = json.loads(out)["verify"]
+    assert report["ok"] and report["level"] == "full" and report["rows_per_tensor"] is None
+    assert all(t["rows_checked"] is None for t in report["tensors"])
+    code, out = run("merge", bases["llama"], adapters["all-linear"], tmp_path / "d", "--verify-full", "--no-verify")
+    assert code == 2 and "contradict" in out and not (tmp_path / "d").exists()
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")

@@ -396,7 +396,7 @@ class StreamWriter:
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *,
                  fingerprints: bool = True):
-        from .stream import Stage
+        from .stream import BUFFER_BYTES, Stage
 
         entries = list(entries)
         header: dict[str, object] = {}
@@ -435,7 +435,9 @@ class StreamWriter:
         except BaseException:
             self._f.close()
             raise
-        self._stage = Stage(self._f.fileno(), self.data_start, fingerprints=fingerprints)
+        # buffers no larger than the file: an adapter or undo part of a few KB does not allocate 16 MiB
+        self._stage = Stage(self._f.fileno(), self.data_start, fingerprints=fingerprints,
+                            size=max(4096, min(BUFFER_BYTES, offset)))
         self._next = 0
         self._open: tuple[str, int] | None = None  # the tensor being written, bytes still due
         self.total = offset

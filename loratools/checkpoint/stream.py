@@ -124,9 +124,7 @@ class Stage:
         self.fingerprints = fingerprints
         self.ranges: list[Range] = []
         self._free: queue.Queue[tuple[bytearray, torch.Tensor]] = queue.Queue()
-        for _ in range(buffers):
-            raw = bytearray(size)
-            self._free.put((raw, torch.frombuffer(raw, dtype=torch.uint8)))
+        self._unmade = buffers  # buffers are made when first needed: a small file never pays for three
         self._todo: queue.Queue[Any] = queue.Queue()
         self._cur: tuple[bytearray, torch.Tensor] | None = None
         self._used = 0
@@ -200,6 +198,10 @@ class Stage:
         self._thread.join()
 
     def _take(self) -> tuple[bytearray, torch.Tensor]:
+        if self._unmade and self._free.empty():
+            self._unmade -= 1
+            raw = bytearray(self.size)
+            return raw, torch.frombuffer(raw, dtype=torch.uint8)
         while True:
             self._raise()
             try:

@@ -182,7 +182,9 @@ def emit_tensor(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Com
     out_dtype = BY_ST[t.out_dtype].torch
     if t.source.begin >= 0 and out_dtype is not None:
         with plan.base.view(t.name) as src:
-            terms = kernels.lowrank_terms(t.ops, compute) if kernels.fits(src, out_dtype, compute) else None
+            row_bytes = src.numel() // max(src.shape[0], 1) * BY_ST[t.out_dtype].itemsize if src.dim() else 0
+            fast = kernels.fits(src, out_dtype, compute) and row_bytes <= BUFFER_BYTES
+            terms = kernels.lowrank_terms(t.ops, compute) if fast else None
             if terms is not None:
                 _emit_blocks(plan, t, src, terms, writer, out_dtype=out_dtype, compute=compute, undo_out=undo_out,
                              warnings=warnings)
