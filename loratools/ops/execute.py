@@ -59,15 +59,8 @@ def _blocks_apply(src: torch.Tensor, t: TensorPlan, edits: list[Edit], *, out_dt
     for i, j in row_blocks(tuple(src.shape), edits):
         W = src[i:j].to(device=c.device, dtype=c.dtype)
         block = apply_edits(W, [e.slice(i, j) for e in edits], c).to(out_dtype)
-        if block.is_floating_point() and not bool(torch.isfinite(block.float() if block.element_size() == 1
-                                                                 else block).all()):
-            had = "" if bool(torch.isfinite(src[i:j].float()).all()) else " (the input tensor already held non-finite values)"
-            raise NonFiniteError(
-                f"{operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
-                tensor=t.name,
-                hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
-                "nothing was written.",
-            )
+        if block.is_floating_point() and not _finite(block):
+            raise _non_finite(operation, t, src[i:j])
         result[i:j] = block.cpu()
     return result
 
@@ -165,10 +158,10 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
     return result
 
 
-def _non_finite(plan: Plan, t: TensorPlan, src_block: torch.Tensor) -> NonFiniteError:
+def _non_finite(operation: str, t: TensorPlan, src_block: torch.Tensor) -> NonFiniteError:
     had = "" if _finite(src_block) else " (the input tensor already held non-finite values)"
     return NonFiniteError(
-        f"{plan.operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
+        f"{operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
         tensor=t.name,
         hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
         "nothing was written.",
@@ -221,19 +214,18 @@ def _emit_blocks(plan: Plan, t: TensorPlan, src: torch.Tensor, terms: list[kerne
         encoded, values = undo_in.patches[t.name]
         positions = decode_positions(encoded, src.numel())
         hasher = hashlib.sha256()
-    ints = _INTS[itemsize]
     writer.begin(t.name, t.out_dtype)
     for i in range(0, rows, step):
         j = min(i + step, rows)
         block = S[:(j - i) * cols].view(j - i, cols)
         kernels.apply_block(block, W[i:j], terms, i, j)
         if not kernels.in_range(block, limit):
-            raise _non_finite(plan, t, W[i:j])
+            raise _non_finite(plan.operation, t, W[i:j])
         out = writer.reserve((j - i) * cols * itemsize).view(out_dtype).view(j - i, cols)
         out.copy_(block)
         if reversible:
             kernels.apply_block(block, out, back_terms, i, j)
-            differ = (block.to(src.dtype).cpu().view(ints) != W[i:j].view(ints)).view(-1)
+            differ = ~_same_bits(block.to(src.dtype).cpu(), W[i:j])
             if bool(differ.any()):
                 kept_at.append(torch.nonzero(differ).view(-1) + i * cols)
                 kept.append(W[i:j].reshape(-1)[differ].clone())
@@ -248,9 +240,6 @@ def _emit_blocks(plan: Plan, t: TensorPlan, src: torch.Tensor, terms: list[kerne
         undo_out.sha256[t.name] = hashlib.sha256(src.reshape(-1).view(torch.uint8).numpy()).hexdigest()
     if exact and hasher.hexdigest() != undo_in.sha256.get(t.name):
         raise _not_restored(plan, t)
-
-
-_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _not_restored(plan: Plan, t: TensorPlan) -> VerificationError:
