@@ -8,7 +8,8 @@ A :class:`LoraModule` binds one :class:`~loratools.deltas.Delta` (the math: ΔW 
 * ``transposed``: the base stores (in, out) — GPT-2 ``Conv1D``, embeddings (V, d) — so ΔW is
   transposed before it is added; ``None`` until binding to a base settles it;
 * ``shape``: the base tensor's shape once bound;
-* optional DoRA ``magnitude`` and PEFT ``lora_B.bias`` (``bias``, unscaled, added to ``bias_target``).
+* optional DoRA ``magnitude`` and a bias change: PEFT ``lora_B.bias`` or LyCORIS ``diff_b`` (``bias``,
+  times ``bias_factor``, added to ``bias_target``).
 
 :meth:`LoraModule.block` is the only place a delta meets a stored tensor's layout.
 """
@@ -43,6 +44,12 @@ class LoraModule:
     bias_target: str | None = None
     source_keys: tuple[str, ...] = ()
     dora_per_input: bool = False  # old LyCORIS dora_scale (1, in): the norm is taken per input column
+    bias_scale: float | None = None  # what ``bias`` is multiplied by: None = the delta's scale (PEFT);
+    # 1 for a LyCORIS ``diff_b`` (the bias change itself)
+
+    @property
+    def bias_factor(self) -> float:
+        return self.scale if self.bias_scale is None else float(self.bias_scale)
 
     @property
     def rank(self) -> int | None:

@@ -28,7 +28,9 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Delta", "LowRank", "Full"]
+from .errors import InternalError
+
+__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker"]
 
 Device = torch.device | str | None
 
@@ -254,3 +256,261 @@ class Full(Delta):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": None, "scale": self.scale, "parameters": self.parameter_count()}
 
+
+
+# --- LyCORIS kinds ---------------------------------------------------------------------------------
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A stored factor as a matrix: rows × everything else (conv kernels flattened, as ΔW is)."""
+    return t.reshape(t.shape[0], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class Product:
+    """One matrix (rows, cols) of a LyCORIS delta, held as the file stores it — so that writers give
+    every tensor back unchanged — in one of three forms:
+
+    * whole: ``up`` is the matrix (conv kernels after the first axis flattened into ``cols``);
+    * a product ``up @ down``: ``up`` (rows, r), ``down`` (r, cols[, k…]);
+    * a Tucker chain (LyCORIS ``use_tucker`` on a conv): ``up`` stored (r, rows) (``up_rows_last``),
+      ``down`` (r, in) and ``core`` (r, r, kh, kw):
+      M[p, (c, k)] = Σ_ij up[i, p] · core[i, j, k] · down[j, c] — the ``einsum("i j k l, j r, i p
+      -> p r k l")`` of LyCORIS and ComfyUI, cols = in·kh·kw.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor | None = None
+    core: torch.Tensor | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.down is None
+
+    @property
+    def rows_n(self) -> int:
+        return int(self.up.shape[1] if self.core is not None else self.up.shape[0])
+
+    @property
+    def cols_n(self) -> int:
+        if self.down is None:
+            return int(_flat(self.up).shape[1])
+        if self.core is not None:
+            return int(self.down.shape[1]) * max(1, int(torch.tensor(self.core.shape[2:]).prod()))
+        return int(_flat(self.down).shape[1])
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else int(self.down.shape[0])
+
+    @property
+    def depth(self) -> int:
+        """Products summed per element (a Tucker chain sums twice, and its inner matrix is rounded once)."""
+        if self.down is None:
+            return 0
+        return 2 * int(self.down.shape[0]) + 1 if self.core is not None else int(self.down.shape[0])
+
+    def _inner(self, dtype: torch.dtype, device: Device) -> torch.Tensor:
+        """(r, cols) with up-side @ it = the matrix: ``down`` flattened, or core ×₂ down (formed in
+        float64, rounded once to ``dtype``)."""
+        if self.down is None:
+            raise InternalError("a whole Product has no inner factor")
+        if self.core is None:
+            return _flat(self.down).to(device=device, dtype=dtype)
+        inner = torch.einsum("ij...,jc->ic...", self.core.double(), self.down.double())
+        return inner.reshape(inner.shape[0], -1).to(device=device, dtype=dtype)
+
+    def _up(self) -> torch.Tensor:
+        return self.up.T if self.core is not None else self.up
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype, device: Device) -> torch.Tensor:
+        if self.down is None:
+            return _flat(self.up)[i:j].to(device=device, dtype=dtype)
+        return self._up()[i:j].to(device=device, dtype=dtype) @ self._inner(dtype, device)
+
+    def take(self, idx: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        if self.down is None:
+            return _flat(self.up)[idx].to(dtype)
+        return self._up()[idx].to(dtype) @ self._inner(dtype, None)
+
+    def matrix(self, *, dtype: torch.dtype = torch.float64, device: Device = None) -> torch.Tensor:
+        return self.rows(0, self.rows_n, dtype=dtype, device=device)
+
+    def abs(self) -> Product:
+        return Product(*(None if t is None else t.float().abs() for t in (self.up, self.down, self.core)))
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) float64 with U @ V = the matrix exactly (a whole matrix: itself and an identity on
+        its smaller side)."""
+        if self.down is not None:
+            return self._up().double(), self._inner(torch.float64, None)
+        M = _flat(self.up).double()
+        if M.shape[0] <= M.shape[1]:
+            return torch.eye(M.shape[0], dtype=torch.float64), M
+        return M, torch.eye(M.shape[1], dtype=torch.float64)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        named = {"up": self.up, "down": self.down, "core": self.core}
+        return {f"{prefix}_{k}": t for k, t in named.items() if t is not None}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Product:
+        return Product(*(None if t is None else fn(t) for t in (self.up, self.down, self.core)))
+
+    def transposed(self) -> Product:
+        """The transposed matrix as a product (a Tucker chain's inner factor formed in float64)."""
+        if self.down is None:
+            return Product(_flat(self.up).T)
+        U, V = self._up(), self._inner(torch.float64, None)
+        return Product(V.T, U.T.to(torch.float64) if U.dtype == torch.float64 else U.T)
+
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in (self.up, self.down, self.core) if t is not None)
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else x * factor
+
+
+@dataclass(frozen=True, eq=False)
+class Hadamard(Delta):
+    """LyCORIS LoHa: ΔW = scale · (W1) ⊙ (W2), each half a :class:`Product` (w_a @ w_b, or a
+    Tucker chain for conv); scale = alpha / r with r the rows of ``hada_w1_b``."""
+
+    W1: Product
+    W2: Product
+    scale: float
+    alpha: float | None = None
+
+    kind: ClassVar[str] = "loha"
+
+    @property
+    def out_features(self) -> int:
+        return self.W1.rows_n
+
+    @property
+    def in_features(self) -> int:
+        return self.W1.cols_n
+
+    @property
+    def rank(self) -> int | None:
+        return self.W1.rank
+
+    @property
+    def depth(self) -> int:
+        return self.W1.depth + self.W2.depth + 2
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        left = self.W1.rows(i, j, dtype=dtype, device=device)
+        return _scaled(left * self.W2.rows(i, j, dtype=dtype, device=device), float(weight) * float(self.scale))
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        return self.W1.take(idx, dtype) * self.W2.take(idx, dtype) * (float(weight) * float(self.scale))
+
+    def magnitude(self) -> Hadamard:
+        return Hadamard(self.W1.abs(), self.W2.abs(), abs(float(self.scale)))
+
+    @property
+    def T(self) -> Hadamard:
+        return replace(self, W1=self.W1.transposed(), W2=self.W2.transposed())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.W1.tensors("w1"), **self.W2.tensors("w2")}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Hadamard:
+        return replace(self, W1=self.W1.map(fn), W2=self.W2.map(fn))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U1 V1) ⊙ (U2 V2) = (U1 ∗ U2)(V1 ∗ V2): the row-wise and column-wise Khatri–Rao products,
+        rank r1·r2 — exact; None when that rank is not below min(out, in)."""
+        U1, V1 = self.W1.lowrank()
+        U2, V2 = self.W2.lowrank()
+        r = U1.shape[1] * U2.shape[1]
+        if r >= min(self.out_features, self.in_features):
+            return None
+        U = (U1[:, :, None] * U2[:, None, :]).reshape(U1.shape[0], r) * float(self.scale)
+        V = (V1[:, None, :] * V2[None, :, :]).reshape(r, V1.shape[1])
+        return U, V
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
+                "tucker": self.W1.core is not None, "parameters": self.parameter_count()}
+
+    def scaled(self, factor: float) -> Hadamard:
+        return replace(self, scale=self.scale * factor)
+
+
+@dataclass(frozen=True, eq=False)
+class Kronecker(Delta):
+    """LyCORIS LoKr: ΔW = scale · kron(W1, W2), W1 (a, c) and W2 (b, d·kh·kw), each whole or a
+    :class:`Product` (w2 also as a Tucker chain); ΔW is (a·b, c·d·kh·kw) — the conv kernel flattened
+    after the input channels, as torch.kron of W1[..., None, None] with a (b, d, kh, kw) W2 lays it
+    out. scale = alpha / r (r: rows of the factorized half's ``_b``), 1 when both halves are whole."""
+
+    W1: Product
+    W2: Product
+    scale: float
+    alpha: float | None = None
+
+    kind: ClassVar[str] = "lokr"
+
+    @property
+    def out_features(self) -> int:
+        return self.W1.rows_n * self.W2.rows_n
+
+    @property
+    def in_features(self) -> int:
+        return self.W1.cols_n * self.W2.cols_n
+
+    @property
+    def rank(self) -> int | None:
+        return self.W1.rank if self.W1.rank is not None else self.W2.rank
+
+    @property
+    def depth(self) -> int:
+        return self.W1.depth + self.W2.depth + 2
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        b = self.W2.rows_n
+        p0, p1 = i // b, -(-j // b)
+        w1 = self.W1.rows(p0, p1, dtype=dtype, device=device)
+        w2 = self.W2.matrix(dtype=dtype, device=device)
+        full = torch.kron(_scaled(w1, float(weight) * float(self.scale)), w2)
+        return full[i - p0 * b: j - p0 * b]
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        b = self.W2.rows_n
+        w1, w2 = self.W1.take(idx // b, dtype), self.W2.take(idx % b, dtype)
+        out = (w1[:, :, None] * w2[:, None, :]).reshape(len(idx), -1)
+        return out * (float(weight) * float(self.scale))
+
+    def magnitude(self) -> Kronecker:
+        return Kronecker(self.W1.abs(), self.W2.abs(), abs(float(self.scale)))
+
+    @property
+    def T(self) -> Kronecker:
+        return replace(self, W1=self.W1.transposed(), W2=self.W2.transposed())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.W1.tensors("w1"), **self.W2.tensors("w2")}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kronecker:
+        return replace(self, W1=self.W1.map(fn), W2=self.W2.map(fn))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """kron(U1 V1, U2 V2) = kron(U1, U2) · kron(V1, V2): exact, rank r1·r2; None when that rank is
+        not below min(out, in)."""
+        U1, V1 = self.W1.lowrank()
+        U2, V2 = self.W2.lowrank()
+        if U1.shape[1] * U2.shape[1] >= min(self.out_features, self.in_features):
+            return None
+        return torch.kron(U1, U2) * float(self.scale), torch.kron(V1, V2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
+                "factors": [[self.W1.rows_n, self.W1.cols_n], [self.W2.rows_n, self.W2.cols_n]],
+                "parameters": self.parameter_count()}
+
+    def scaled(self, factor: float) -> Kronecker:
+        return replace(self, scale=self.scale * factor)

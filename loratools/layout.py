@@ -215,10 +215,13 @@ def _where(adapter: Adapter) -> str:
 
 def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     """1×1 conv factors on a Linear target (SD1 proj_in/out vs SD2/SDXL), and Linear factors on a
-    1×1 conv target: the same matrix, so the module takes the target's form."""
+    1×1 conv target — or flattened factors (LyCORIS, (r, in·kh·kw)) on any conv: the same matrix,
+    so the module takes the target's form."""
     if m.kind == "conv" and len(shape) == 2 and all(k == 1 for k in m.kernel):
         return m.with_(kind="linear", kernel=())
-    if m.kind == "linear" and len(shape) > 2 and all(k == 1 for k in shape[2:]) and not m.transposed:
+    if m.kind == "linear" and len(shape) > 2 and not m.transposed and (
+            all(k == 1 for k in shape[2:]) or (shape[0] == m.fan_out and math.prod(shape[1:]) == m.fan_in)):
+        # LyCORIS stores conv factors flattened, (r, in·kh·kw): ΔW is the same matrix
         return m.with_(kind="conv", kernel=tuple(shape[2:]), transposed=False)
     return m
 
@@ -301,7 +304,7 @@ def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]
                 f"{tuple(shapes[bias_target])}.",
                 tensor=bias_target,
             )
-    along = m.fan_in if m.dora_per_input else m.fan_out
+    along = m.fan_in // max(1, math.prod(m.kernel)) if m.dora_per_input else m.fan_out  # per input channel
     if m.magnitude is not None and m.magnitude.numel() != along:
         raise ShapeMismatchError(
             f"{where}the DoRA magnitude of {clip(m.target)} has {m.magnitude.numel()} values for {along} "

@@ -39,7 +39,7 @@ class Capabilities:
     deltas: frozenset[str] = frozenset({"lowrank"})  # delta kinds (deltas.py ``kind``)
     dora: bool = False  # DoRA magnitude vectors
     dora_per_input: bool = False  # the old LyCORIS per-input-column DoRA norm
-    bias: bool = False  # PEFT lora_bias (lora_B.bias)
+    bias: bool = False  # a bias change beside ΔW (PEFT lora_bias, LyCORIS diff_b)
     conv: bool = False  # conv targets (kernels)
     embedding: bool = False  # embedding targets
     transposed: bool = False  # linear bases stored (in, out): GPT-2 Conv1D
@@ -71,7 +71,8 @@ _SPECS = [
     FormatSpec("mlx", "mlx", Capabilities(dora=True, embedding=True, per_module_rank=False,
                                           per_module_scale=False),
                note="a folder with adapters.safetensors and an MLX adapter_config.json"),
-    FormatSpec("kohya", "kohya", Capabilities(dora=True, dora_per_input=True, conv=True),
+    FormatSpec("kohya", "kohya", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "full"}), dora=True,
+                                              dora_per_input=True, conv=True, bias=True),
                note="lora_unet_… / lora_te…_ keys"),
     FormatSpec("diffusers", "diffusers", Capabilities(dora=True, bias=True, conv=True),
                note="unet. / text_encoder. / transformer. prefixed PEFT-style keys"),

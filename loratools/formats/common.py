@@ -108,6 +108,19 @@ def lowrank(m: LoraModule) -> LowRank:
     return m.delta
 
 
+def peft_bias(m: LoraModule) -> torch.Tensor:
+    """The module's bias change as PEFT's ``lora_B.bias``, which is multiplied by the module's scale:
+    a LyCORIS ``diff_b`` (added as it is) divided by that scale (one rounding in its dtype)."""
+    if m.bias is None:
+        raise InternalError(f"{m.target}: no bias to write")
+    if m.bias_scale is None or m.bias_factor == m.scale:
+        return m.bias.contiguous()
+    if m.scale == 0.0:
+        raise UnsupportedAdapterError(f"{m.target}: a bias change beside a zero scale has no lora_B.bias form.",
+                                      tensor=m.target)
+    return (m.bias.double() * (m.bias_factor / m.scale)).to(m.bias.dtype).contiguous()
+
+
 def alpha_of(m: LoraModule) -> float:
     """The alpha that reproduces the module's scale with alpha / r."""
     d = lowrank(m)

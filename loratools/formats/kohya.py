@@ -27,22 +27,24 @@ from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError,
 from ..jsonio import clip, load_json
 from .common import (alpha_of, check_rank, check_scale, component_of, default_component, fold_scale, load_groups,
                      lowrank, most_common, scalar, with_record)
+from . import lycoris
 from .keys import group_keys
 
 NAME = "kohya"
-PREFIXES = {  # kohya prefix → diffusers component
+PREFIXES: dict[str, str | None] = {  # kohya prefix → diffusers component
     "lora_unet": "unet",
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
     "lora_te3": "text_encoder_3",
     "lora_transformer": "transformer",
+    "lycoris": None,  # LyCORIS' wrapper on any model: the model's own module path
 }
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora"}
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora",
+            **lycoris.SUFFIXES}
 # keys of other LyCORIS / kohya network types: recognised so they can be named, not applied
-UNSUPPORTED = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
-               ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".lora_mid.weight",
-               ".diff", ".diff_b", ".oft_blocks", ".oft_diag", ".w_norm", ".b_norm", ".on_input")
+UNSUPPORTED = (".lora_mid.weight", ".oft_blocks", ".oft_diag", ".w_norm", ".b_norm", ".on_input", ".rescale",
+               ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
 TARGETS_KEY = "loratools_targets"
 
 
@@ -76,7 +78,11 @@ def detect(path: Path) -> bool:
     if f is None:
         return False
     names = list(read_header(f).tensors)
-    return any(split_stem(n.split(".")[0])[0] is not None and (_split(n) or n.endswith(UNSUPPORTED)) for n in names)
+    return any(_prefixed(n.split(".")[0]) and (_split(n) or n.endswith(UNSUPPORTED)) for n in names)
+
+
+def _prefixed(stem: str) -> bool:
+    return any(stem.startswith(prefix + "_") for prefix in PREFIXES)
 
 
 def split_stem(stem: str) -> tuple[str | None, str]:
@@ -106,22 +112,23 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     unsupported = [k for k in others if k.endswith(UNSUPPORTED)]
     leftovers = [k for k in others if not k.endswith(UNSUPPORTED)]
     for stem, roles in groups.items():
-        if "down" not in roles or "up" not in roles:
+        if not _applicable(roles):
             if any(k.startswith(stem + ".") and k.endswith(UNSUPPORTED) for k in unsupported):
                 continue
             leftovers.extend(k for k, _ in roles.values())
     warnings: list[str] = []
     if unsupported or leftovers:
         names = sorted(unsupported + leftovers)
-        msg = (f"{f}: {len(names)} key(s) are not LoRA down/up pairs loratools can apply (LoHa, LoKr, lora_mid, "
-               f"full diffs…): {', '.join(clip(n) for n in names[:8])}{' …' if len(names) > 8 else ''}.")
+        msg = (f"{f}: {len(names)} key(s) are not modules loratools can apply (LoRA, LoHa, LoKr and full diffs are; "
+               f"lora_mid, (IA)³, OFT/BOFT, GLoRA, norms are not yet): "
+               f"{', '.join(clip(n) for n in names[:8])}{' …' if len(names) > 8 else ''}.")
         if not allow_skip:
             raise AdapterFormatError(msg, path=f, hint="Nothing was written. --allow-skip applies the rest and reports "
                                      "what was left out.")
         warnings.append("skipped " + msg)
     modules: dict[str, LoraModule] = {}
     for stem, roles in sorted(groups.items()):
-        if "down" not in roles or "up" not in roles:
+        if not _applicable(roles):
             continue
         target, module = _module(f, stem, roles, targets)
         if target in modules:
@@ -129,7 +136,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
                                      tensor=target)
         modules[target] = module
     if not modules:
-        raise AdapterFormatError(f"{f} holds no lora_down / lora_up pairs.", path=f)
+        raise AdapterFormatError(f"{f} holds no lora_down / lora_up pairs and no LyCORIS module.", path=f)
     meta = dict(header.metadata)
     return Adapter(
         modules=modules,
@@ -139,9 +146,47 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     )
 
 
+def _applicable(roles: dict[str, tuple[str, torch.Tensor]]) -> bool:
+    """A group that forms a module: a down/up pair or a LyCORIS kind."""
+    return ("down" in roles and "up" in roles) or lycoris.kind_of(roles) is not None
+
+
+def _magnitude(f: Path, stem: str, d: torch.Tensor, fan_out: int) -> tuple[torch.Tensor, bool]:
+    """DoRA's ``dora_scale``: (out, 1[, 1, 1]) per output, (1, in[, 1, 1]) per input (old LyCORIS)."""
+    shape = tuple(int(s) for s in d.shape)
+    if len(shape) >= 2 and shape[0] == fan_out and all(s == 1 for s in shape[1:]):
+        return d.reshape(-1), False
+    if len(shape) >= 2 and shape[0] == 1 and all(s == 1 for s in shape[2:]):
+        return d.reshape(-1), True
+    if len(shape) == 1 and shape[0] == fan_out:
+        return d, False
+    raise AdapterFormatError(f"{f}: {clip(stem)}.dora_scale has shape {shape}: neither (out, 1) nor (1, in).",
+                             path=f, tensor=stem)
+
+
 def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targets: dict[str, str]) -> tuple[
         str, LoraModule]:
-    """One down/up pair (with its alpha and DoRA scale) as a module."""
+    """One module: a down/up pair or a LyCORIS kind, with its alpha and DoRA scale."""
+    component, flat = split_stem(stem)
+    target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
+    kind = lycoris.kind_of(roles)
+    if kind is not None and ("down" in roles or "up" in roles) and kind != "full":
+        raise AdapterFormatError(f"{f}: {clip(stem)} holds both lora_down/lora_up and {kind} keys.", path=f,
+                                 tensor=stem)
+    if kind is not None and "down" not in roles:
+        alpha = scalar(roles["alpha"][1], roles["alpha"][0], f) if "alpha" in roles else None
+        if alpha is not None:
+            check_scale(f, stem, alpha, what="alpha")
+        delta, kernel, bias = lycoris.build(f, stem, roles, alpha)
+        if delta is None:
+            raise AdapterFormatError(f"{f}: {clip(stem)} holds only a bias change (diff_b) and no weight change; "
+                                     "loratools does not read those yet.", path=f, tensor=stem)
+        magnitude, per_input = _magnitude(f, stem, roles["dora"][1], delta.out_features) if "dora" in roles \
+            else (None, False)
+        return target, LoraModule(
+            target=target, delta=delta, kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
+            magnitude=magnitude, dora_per_input=per_input, bias=bias, bias_scale=None if bias is None else 1.0,
+            bias_target=None, source_keys=tuple(k for k, _ in roles.values()))
     (_, down), (uk, up) = roles["down"], roles["up"]
     r = check_rank(f, stem, tuple(down.shape), tuple(up.shape), what="lora_down / lora_up")
     if int(up.shape[1]) != r:
@@ -155,23 +200,25 @@ def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targ
         alpha = float(r)  # kohya: a missing or zero alpha means alpha = rank
     check_scale(f, stem, alpha, what="alpha")
     kernel = tuple(int(s) for s in down.shape[2:])
-    magnitude = None
-    per_input = False
-    if "dora" in roles:
-        d = roles["dora"][1]
-        if d.dim() == 2 and d.shape[1] == 1 and d.shape[0] == up.shape[0]:
-            magnitude = d.reshape(-1)
-        elif d.dim() == 2 and d.shape[0] == 1:
-            magnitude, per_input = d.reshape(-1), True
-        else:
-            magnitude = d.reshape(-1)
-    component, flat = split_stem(stem)
-    target = targets.get(stem) or f"{component + ':' if component else ''}{flat}"
+    magnitude, per_input = _magnitude(f, stem, roles["dora"][1], int(up.shape[0])) if "dora" in roles \
+        else (None, False)
+    bias = lycoris.bias_change(f, stem, roles)
+    if "diff" in roles:
+        raise AdapterFormatError(f"{f}: {clip(stem)} holds both lora_down/lora_up and a full diff.", path=f,
+                                 tensor=stem)
     return target, lowrank_module(
         target, down.reshape(r, -1), up.reshape(up.shape[0], r), alpha / r, alpha,
         kind="conv" if kernel else "linear", transposed=False, kernel=kernel, magnitude=magnitude,
-        dora_per_input=per_input, source_keys=tuple(k for k, _ in roles.values()),
+        dora_per_input=per_input, bias=bias, bias_scale=None if bias is None else 1.0,
+        source_keys=tuple(k for k, _ in roles.values()),
     )
+
+
+def _dora_scale(m: LoraModule) -> torch.Tensor:
+    """(out, 1[, 1, 1]) per output, (1, in[, 1, 1]) per input — conv magnitudes keep the kernel's axes."""
+    extra = [1] * len(m.kernel)
+    shape = [1, -1, *extra] if m.dora_per_input else [-1, 1, *extra]
+    return m.magnitude.reshape(shape).contiguous()
 
 
 def stem_for(target: str, components: set[str | None], default: str = "unet") -> str:
@@ -198,18 +245,29 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         if stem in targets:
             raise UnsupportedAdapterError(f"{target} and {targets[stem]} flatten to the same kohya name {stem}.")
         targets[stem] = target
+        if m.delta.kind != "lowrank":
+            tensors.update(lycoris.tensors(stem, m))
+            if m.magnitude is not None:
+                tensors[f"{stem}.dora_scale"] = _dora_scale(m)
+            if m.bias is not None:
+                tensors[f"{stem}.diff_b"] = lycoris.bias_tensor(m)
+            continue
         d = lowrank(m)
         r = d.rank
         tensors[f"{stem}.lora_down.weight"] = d.A.reshape(r, -1, *m.kernel).contiguous()
         tensors[f"{stem}.lora_up.weight"] = d.B.reshape(m.fan_out, r, *([1] * len(m.kernel))).contiguous()
         tensors[f"{stem}.alpha"] = torch.tensor(alpha_of(m), dtype=torch.float32)
         if m.magnitude is not None:
-            shape = (1, -1) if m.dora_per_input else (-1, 1)
-            tensors[f"{stem}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
-    ranks = [m.rank for m in adapter.modules.values()]
-    alphas = [alpha_of(m) for m in adapter.modules.values()]
+            tensors[f"{stem}.dora_scale"] = _dora_scale(m)
+        if m.bias is not None:
+            tensors[f"{stem}.diff_b"] = lycoris.bias_tensor(m)
+    plain = [m for m in adapter.modules.values() if m.delta.kind == "lowrank"]
+    ranks = [m.rank for m in plain] or [m.rank or 1 for m in adapter.modules.values()]
+    alphas = [alpha_of(m) for m in plain] or [1.0]
+    kinds = sorted({m.delta.kind for m in adapter.modules.values()} - {"lowrank"})
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if kinds else "networks.lora",
+        **({"ss_network_args": json.dumps({"algo": kinds[0]})} if len(kinds) == 1 else {}),
         "ss_network_dim": str(most_common(ranks)),
         "ss_network_alpha": str(most_common(alphas)),
         TARGETS_KEY: json.dumps(targets, separators=(",", ":")),

@@ -17,7 +17,7 @@ from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
-from .common import alpha_of, check_factor, lowrank, with_record
+from .common import alpha_of, check_factor, lowrank, peft_bias, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
 
@@ -105,7 +105,7 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, record:
         if m.magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = m.magnitude.contiguous()
         if m.bias is not None:
-            tensors[key + ".lora_B.bias"] = m.bias.contiguous()
+            tensors[key + ".lora_B.bias"] = peft_bias(m)
         ranks[name], alphas[name] = d.rank, alpha_of(m)
     lora_modules = {t.removesuffix(".weight") for t in adapter.modules}
     saved_modules: set[str] = set()

@@ -213,7 +213,8 @@ class DoraUndo(Dora):
 
 @dataclass(frozen=True, eq=False)
 class AddBias(AddDelta):
-    """b += weight · scale · lora_B.bias (PEFT's lora_bias), on the module's ``bias_target``."""
+    """b += weight · factor · bias on the module's ``bias_target``: PEFT's lora_bias (factor = the
+    module's scale) or LyCORIS ``diff_b`` (factor 1)."""
 
     label = "lora bias"
 
@@ -225,10 +226,10 @@ class AddBias(AddDelta):
         return m.bias[i:j]
 
     def apply(self, W: torch.Tensor, c: Compute) -> torch.Tensor:
-        return W + self._bias(W).to(device=c.device, dtype=c.dtype) * (float(self.weight) * self._m().scale)
+        return W + self._bias(W).to(device=c.device, dtype=c.dtype) * (float(self.weight) * self._m().bias_factor)
 
     def grow_bound(self, mag: torch.Tensor, c: Compute) -> tuple[torch.Tensor, int]:
-        return mag + self._bias(mag).float().abs() * abs(self.weight * self._m().scale), 0
+        return mag + self._bias(mag).float().abs() * abs(self.weight * self._m().bias_factor), 0
 
     def describe(self, who: str) -> str:
         return f"lora bias from {who} (weight {self.weight:g})"

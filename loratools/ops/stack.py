@@ -202,7 +202,7 @@ def stack(
             exact[target] = f
         bias = None
         if any(m.bias is not None for m, _ in parts):
-            bias = sum((m.bias.double() * (w * m.scale) for m, w in parts if m.bias is not None),
+            bias = sum((m.bias.double() * (w * m.bias_factor) for m, w in parts if m.bias is not None),
                        torch.zeros(first.fan_out, dtype=torch.float64))
         dtype = opts.torch_output_dtype or (first.delta.dtype if first.delta.dtype.is_floating_point else torch.float32)
         modules[target] = lowrank_module(
@@ -254,7 +254,7 @@ def resize(
         f = algebra.factorize_lowrank(B, A, rank=rank, energy=energy)
         dtype = opts.torch_output_dtype or m.delta.dtype
         modules[target] = m.with_(delta=LowRank(f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank)),
-                                  bias=None if m.bias is None else m.bias * m.scale)
+                                  bias=None if m.bias is None else m.bias * m.bias_factor)
         result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
     written = write_adapter_output(out_adapter, out, opts, to=to, operation="resize", sources=[adapter])
