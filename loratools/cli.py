@@ -638,6 +638,13 @@ scale_option = click.option(
               help="With --to peft: shape the adapter for this server (one r and alpha, scales folded into B, zero "
               "padding; no full tensors, DoRA or lora_bias) and say what changed.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="With --for: the server's max_lora_rank.")
+@click.option("--to-lora", is_flag=True,
+              help="Turn every module that is not a plain LoRA (LoHa, LoKr, full diffs) into the best plain LoRA "
+              "of rank --rank (Eckart–Young, per module), reporting each one's relative error. The only lossy "
+              "conversion, and only when asked.")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="With --to-lora: the rank to keep.")
+@click.option("--energy", type=float, default=None,
+              help="With --to-lora: keep the smallest rank holding this fraction of ‖ΔW‖² (capped by --rank).")
 @from_option
 @allow_skip_option
 @push_to_option
@@ -645,6 +652,7 @@ scale_option = click.option(
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors.")
 def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | None, scale: float | None,
             dtype: str | None, verify: bool, overwrite: bool, server: str | None, max_rank: int | None,
+            to_lora: bool, rank: int | None, energy: float | None,
             from_format: str | None, allow_skip: bool, push_to: str | None, as_json: bool, quiet: bool) -> None:
     """Rewrite an adapter in another format, keeping every module's ΔW.
 
@@ -652,6 +660,9 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
     A raw state dict (a module's weights saved beside its LoRA factors) becomes an adapter of its
     factors, bound to the weights in the same file:
       loratools convert model_with_lora.safetensors ./peft-adapter --to peft --scale 2
+    \b
+    A LyCORIS file (LoHa, LoKr…) for a format that holds only LoRA, at rank 32:
+      loratools convert lokr.safetensors ./lora --to peft --to-lora --rank 32 --base BASE
     """
     from .ops.convert import convert as do_convert
 
@@ -659,15 +670,20 @@ def convert(adapter: Path, out: Path, to: str, base: Path | None, layout: str | 
     try:
         result = do_convert(adapter, out, to=to, base=base, layout=layout, dtype=dtype, scale=scale,
                             overwrite=overwrite, verify=verify, server=server, max_rank=max_rank,
+                            to_lora=to_lora, rank=rank, energy=energy,
                             from_format=from_format, allow_skip=allow_skip, progress=bar)
     finally:
         close()
     _warn(result.warnings)
+    approx = [{"target": r.target, "rank": r.rank, "relative_error": r.relative_error, "from": r.note}
+              for r in result.approximated]
     if as_json:
         click.echo(json.dumps({"out": str(out), "format": result.format, "modules": result.modules,
-                               "max_rel_err": result.max_rel_err if verify else None, "warnings": result.warnings},
-                              indent=2))
+                               "max_rel_err": result.max_rel_err if verify else None, "warnings": result.warnings,
+                               "to_lora": approx}, indent=2))
     elif not quiet:
+        for r in result.approximated:
+            click.echo(f"  {r.target}: {r.note} → LoRA r={r.rank}, relative error {r.relative_error:.2e}")
         check = f"; ΔW verified (max relative difference {result.max_rel_err:.1e})" if verify else ""
         click.echo(f"wrote {result.modules} module(s) as {result.format} to {out}{check}.")
     _push_after(out, push_to, quiet=quiet or as_json)
@@ -724,7 +740,10 @@ def info(adapter: Path, base: Path | None, layout: str | None, scale: float | No
         return
     rows = data["module_list"]
     _warn(data["warnings"])
-    click.echo(f"{adapter}: {data['format']} adapter, {len(rows)} LoRA module(s), {data['parameters']:,} parameters")
+    present = {r.get("delta", "lowrank") for r in rows}
+    what = "LoRA module(s)" if present <= {"lowrank"} else \
+        "module(s) (" + ", ".join(sorted("LoRA" if k == "lowrank" else k for k in present)) + ")"
+    click.echo(f"{adapter}: {data['format']} adapter, {len(rows)} {what}, {data['parameters']:,} parameters")
     if quiet:
         return
     if data["base_model"]:
@@ -768,7 +787,8 @@ def _module_table(rows: list[dict[str, Any]]) -> None:
     click.echo(f"{'target':<{width}}  {'kind':<22} {'rank':>4} {'alpha':>8} {'scale':>9}  dtype  {'‖ΔW‖':>10}")
     for r in rows:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        extra = (" DoRA" if r["dora"] else "") + (" +bias" if r["lora_bias"] else "")
+        extra = ((f" {r['delta']}" if r.get("delta", "lowrank") != "lowrank" else "") + (" DoRA" if r["dora"] else "")
+                 + (" +bias" if r["lora_bias"] else ""))
         click.echo(
             f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank'] if r['rank'] is not None else '-':>4} "
             f"{alpha:>8} {r['scale']:>9.4g}  "

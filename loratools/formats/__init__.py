@@ -135,10 +135,14 @@ def check_can_hold(name: str, adapter: Adapter, *, server: str | None = None, ca
     problems = cannot_hold(caps or FORMATS[name].caps, adapter)
     if problems:
         who = server or f"the {name} format"
+        kinds = any(m.delta.kind != "lowrank" and m.delta.kind not in (caps or FORMATS[name].caps).deltas
+                    for m in adapter.modules.values())
         raise UnsupportedAdapterError(
             f"{where}{who} cannot hold {len(problems)} part(s) of this adapter: {', '.join(problems[:6])}"
             + (" …" if len(problems) > 6 else "") + ".",
-            hint="Converting would lose them. Choose a format that holds them (peft holds the most), or merge "
+            hint=("--to-lora --rank R turns LoHa, LoKr and full deltas into plain LoRA (the best of rank R, with "
+                  "the error reported per module). " if kinds else "")
+            + "Converting would lose them. Choose a format that holds them (peft holds the most), or merge "
             "the adapter into its base model instead.",
         )
 

@@ -141,6 +141,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     return Adapter(
         modules=modules,
         meta={"format": NAME, "flat_names": not targets, "base_model": meta.get("ss_sd_model_name"),
+              **({"kohya_prefix": "lycoris"} if all(s.startswith("lycoris_") for s in groups) else {}),
               "metadata": {k: v for k, v in meta.items() if k.startswith("ss_")}},
         warnings=warnings, path=path, files=[f],
     )
@@ -221,8 +222,12 @@ def _dora_scale(m: LoraModule) -> torch.Tensor:
     return m.magnitude.reshape(shape).contiguous()
 
 
-def stem_for(target: str, components: set[str | None], default: str = "unet") -> str:
+def stem_for(target: str, components: set[str | None], default: str = "unet", plain: str | None = None) -> str:
+    """The kohya name of ``target``; ``plain``: the prefix for names without a component (LyCORIS'
+    own ``lycoris`` when the source used it)."""
     component, rest = component_of(target.removesuffix(".weight"))
+    if component is None and plain:
+        return f"{plain}_{rest.replace('.', '_')}"
     component = component or default
     if component == "text_encoder":
         prefix = "lora_te1" if "text_encoder_2" in components else "lora_te"
@@ -239,9 +244,9 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     components = {component_of(t)[0] for t in adapter.modules}
     default = default_component(base_config)
     for target, m in sorted(adapter.modules.items()):
-        if alpha_of(m) == 0.0:  # kohya reads alpha 0 as alpha = rank: a zero scale goes into B instead
+        if m.delta.kind == "lowrank" and alpha_of(m) == 0.0:  # kohya reads alpha 0 as alpha = rank: a zero scale goes into B instead
             m = fold_scale(m, 1.0)
-        stem = stem_for(target, components, default)
+        stem = stem_for(target, components, default, adapter.meta.get("kohya_prefix"))
         if stem in targets:
             raise UnsupportedAdapterError(f"{target} and {targets[stem]} flatten to the same kohya name {stem}.")
         targets[stem] = target

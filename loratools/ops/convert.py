@@ -21,6 +21,7 @@ from ..formats import Capabilities, cannot_hold, spec
 from ..formats.common import fold_scale, pad_rank
 from ..options import Options
 from ..pipeline import check_adapter_out, prepare_adapter, write_adapter_output
+from .stack import ModuleReport, as_lowrank
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ConvertResult:
     modules: int
     max_rel_err: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    approximated: list[ModuleReport] = field(default_factory=list)  # --to-lora: what each module kept
 
 
 def convert(
@@ -42,9 +44,17 @@ def convert(
     server: str | None = None,
     max_rank: int | None = None,
     dtype: str | torch.dtype | None = None,
+    to_lora: bool = False,
+    rank: int | None = None,
+    energy: float | None = None,
     **options: object,
 ) -> ConvertResult:
     """Write ``adapter`` to ``out`` in format ``to``; every module's ΔW is kept.
+
+    ``to_lora`` (with ``rank`` and/or ``energy``) is the one exception: every module that is not a
+    plain LoRA (LoHa, LoKr, full diffs…) becomes the best plain LoRA of that rank (Eckart–Young, one
+    module's ΔW at a time), and ``ConvertResult.approximated`` gives each one's relative error
+    ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F. Plain LoRA modules are written as they are.
 
     ``dtype`` stores the factors in that dtype. ``server`` ("vllm" or "tgi", with ``to="peft"``)
     shapes the adapter for what that server loads (see :func:`for_server`);
@@ -54,9 +64,27 @@ def convert(
     out = Path(out)
     opts = Options.build(**options)  # type: ignore[arg-type]
     s = spec(to, writing=True)
+    if to_lora and rank is None and energy is None:
+        raise InvalidArgumentError("--to-lora needs --rank R (and/or --energy E).")
+    if not to_lora and (rank is not None or energy is not None):
+        raise InvalidArgumentError("--rank / --energy go with --to-lora (to shrink plain LoRA, use loratools resize).")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidArgumentError("--energy is a fraction in (0, 1].")
     check_adapter_out(out, [adapter, base], opts, command="convert")
     a = prepare_adapter(adapter, opts, base=base, scale=scale)
     notes: list[str] = []
+    approximated: list[ModuleReport] = []
+    if to_lora:
+        modules = dict(a.modules)
+        others = [n for n, m in sorted(a.modules.items()) if m.delta.kind != "lowrank"]
+        for n_done, name in enumerate(others, start=1):
+            if opts.progress:
+                opts.progress(n_done, len(others), name)
+            modules[name], report = as_lowrank(a.modules[name], rank=rank, energy=energy)
+            approximated.append(report)
+        a = replace(a, modules=modules)
+        if not others:
+            notes.append("--to-lora: every module already is a plain LoRA; nothing was approximated")
     copies = [n for n in a.meta.get("base_copies", ()) if n in a.replacements]
     if copies and (to != "peft" or server is not None):
         # PEFT saves the base's embedding beside an embedding LoRA; it carries nothing of the adapter (and
@@ -72,7 +100,8 @@ def convert(
     if target_dtype is not None:
         a = replace(a, modules={n: m.with_(delta=m.delta.map(lambda t: t.to(target_dtype))) for n, m in a.modules.items()},
                     replacements={n: t.to(target_dtype) for n, t in a.replacements.items()})
-    result = ConvertResult(out=out, format=s.name, modules=len(a.modules), warnings=list(a.warnings) + notes)
+    result = ConvertResult(out=out, format=s.name, modules=len(a.modules), warnings=list(a.warnings) + notes,
+                           approximated=approximated)
     written = write_adapter_output(a, out, opts, to=s.name, operation="convert", sources=[adapter],
                                    context={"base_config": a.meta.get("base_config")})
     result.max_rel_err = written.max_rel_err

@@ -223,6 +223,21 @@ def stack(
     return result
 
 
+def as_lowrank(m: LoraModule, *, rank: int | None, energy: float | None,
+               dtype: torch.dtype | None = None) -> tuple[LoraModule, ModuleReport]:
+    """The best plain LoRA of rank ≤ ``rank`` (or holding ``energy`` of ‖ΔW‖²) for one module of any
+    kind — Eckart–Young from the delta's exact factors (QR + a small SVD) when it has them, else from
+    its ΔW, formed for this module alone — and the report of what it kept."""
+    B, A = _factors(m)
+    f = algebra.factorize_lowrank(B, A, rank=rank, energy=energy)
+    dtype = dtype or (m.delta.dtype if m.delta.dtype.is_floating_point else torch.float32)
+    note = f"from rank {m.rank}" if m.delta.kind == "lowrank" else f"from {m.delta.kind}" + (
+        f" r={m.rank}" if m.rank is not None else "")
+    module = m.with_(delta=LowRank(f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank)),
+                     bias=None if m.bias is None else m.bias * m.bias_factor, bias_scale=None)
+    return module, ModuleReport(m.target, f.rank, f.relative_error, note)
+
+
 def resize(
     adapter: str | Path | Adapter,
     out: str | Path,
@@ -250,12 +265,8 @@ def resize(
         if m.magnitude is not None:
             raise UnsupportedAdapterError(f"DoRA module {target} cannot be resized (its magnitude depends on ΔW).",
                                           tensor=target)
-        B, A = _factors(m)
-        f = algebra.factorize_lowrank(B, A, rank=rank, energy=energy)
-        dtype = opts.torch_output_dtype or m.delta.dtype
-        modules[target] = m.with_(delta=LowRank(f.A.to(dtype), f.B.to(dtype), 1.0, float(f.rank)),
-                                  bias=None if m.bias is None else m.bias * m.bias_factor)
-        result.modules.append(ModuleReport(target, f.rank, f.relative_error, f"from rank {m.rank}"))
+        modules[target], report = as_lowrank(m, rank=rank, energy=energy, dtype=opts.torch_output_dtype)
+        result.modules.append(report)
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
     written = write_adapter_output(out_adapter, out, opts, to=to, operation="resize", sources=[adapter])
     result.warnings = written.notes + result.warnings

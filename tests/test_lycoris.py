@@ -1,0 +1,259 @@
+"""LyCORIS kinds (LoHa, LoKr, full diffs, DoRA on them) against LyCORIS itself.
+
+The adapters are made by the ``lycoris-lora`` package on a tiny model (a Linear, a 1×1 and a 3×3
+conv), their factors randomised with a seeded generator (LyCORIS starts one factor at zero) and
+saved by LyCORIS' own ``save_weights``; the oracle is the LyCORIS network's forward pass. Float64
+arithmetic is the oracle for rounding (bf16 bases) and for the low-rank approximations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import loratools
+from loratools.cli import cli
+
+lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e '.[test]')")
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 24)
+        self.conv1 = nn.Conv2d(8, 12, 1)
+        self.conv3 = nn.Conv2d(8, 12, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.proj(x), self.conv1(y), self.conv3(y)
+
+
+CASES = {
+    "loha": dict(algo="loha"),
+    "loha-tucker": dict(algo="loha", use_tucker=True),
+    "loha-dora": dict(algo="loha", dora_wd=True),
+    "loha-dora-per-input": dict(algo="loha", dora_wd=True, wd_on_output=False),
+    "lokr": dict(algo="lokr", factor=4),
+    "lokr-tucker": dict(algo="lokr", factor=2, use_tucker=True),
+    "lokr-both-factorized": dict(algo="lokr", factor=4, decompose_both=True, linear_dim=1),
+    "lokr-full-matrix": dict(algo="lokr", full_matrix=True),
+    "lokr-dora": dict(algo="lokr", factor=2, dora_wd=True),
+    "full": dict(algo="full"),
+}
+INPUTS = (torch.randn(3, 16, generator=torch.Generator().manual_seed(5)),
+          torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(6)))
+
+
+def make(tmp: Path, case: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Path, Path, tuple]:
+    """(base file, LyCORIS file, the LyCORIS network's outputs on INPUTS)."""
+    torch.manual_seed(seed)
+    model = Tiny()
+    base = tmp / "base.safetensors"
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(base))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(base)).items()})
+    kw = dict(case)
+    dim = kw.pop("linear_dim", 4)
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2, preset="full", **kw)
+    net.apply_to()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "dora_scale" in name:
+                p.mul_(1 + 0.1 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    f = tmp / "lycoris.safetensors"
+    net.save_weights(str(f), torch.float32, None)
+    with torch.no_grad():
+        want = tuple(o.clone() for o in model(*INPUTS))
+    return base, f, want
+
+
+def outputs(weights: Path) -> tuple[torch.Tensor, ...]:
+    model = Tiny()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    with torch.no_grad():
+        return model(*INPUTS)
+
+
+def close(got: tuple, want: tuple, tol: float = 2e-6) -> None:
+    for g, w in zip(got, want):
+        scale = max(1.0, float(w.abs().max()))
+        assert float((g - w).abs().max()) <= tol * scale, float((g - w).abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_merge_equals_the_lycoris_forward_pass(tmp_path: Path, name: str) -> None:
+    base, f, want = make(tmp_path, CASES[name])
+    out = tmp_path / "merged.safetensors"
+    result = loratools.merge(base, [f], out)
+    assert result.verify is not None and result.verify.ok
+    close(outputs(out), want)
+    kinds = {m.delta.kind for m in loratools.load_adapter(f).modules.values()}
+    assert kinds == {"loha" if "loha" in name else "lokr" if "lokr" in name else "full"}
+
+
+def test_unmerge_takes_it_out_and_reversible_gives_the_bits_back(tmp_path: Path) -> None:
+    base, f, _ = make(tmp_path, CASES["lokr-tucker"])
+    merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
+    loratools.merge(base, [f], merged, reversible=True)
+    loratools.unmerge(merged, [f], back)
+    original, restored = load_file(str(base)), load_file(str(back))
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    loratools.merge(base, [f], merged, overwrite=True)
+    loratools.unmerge(merged, [f], back, overwrite=True)
+    restored = load_file(str(back))
+    for k in original:
+        assert torch.allclose(original[k], restored[k], rtol=0, atol=2e-6), k
+
+
+def test_dora_unmerge_restores_the_base(tmp_path: Path) -> None:
+    base, f, _ = make(tmp_path, CASES["loha-dora"])
+    merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
+    loratools.merge(base, [f], merged)
+    loratools.unmerge(merged, [f], back)
+    original, restored = load_file(str(base)), load_file(str(back))
+    for k in original:
+        assert torch.allclose(original[k], restored[k], rtol=0, atol=1e-5), k
+
+
+def test_bf16_base_is_rounded_once_from_float64(tmp_path: Path) -> None:
+    """Every merged element is float64's W + ΔW rounded to bf16, or its neighbour (≤ 1 ulp)."""
+    base, f, _ = make(tmp_path, CASES["loha-tucker"], dtype=torch.bfloat16)
+    out = tmp_path / "m.safetensors"
+    loratools.merge(base, [f], out)
+    ad = loratools.load_adapter(f, base=base)
+    merged, original = load_file(str(out)), load_file(str(base))
+    for target, m in ad.modules.items():
+        exact = original[target].double() + _dw64(f, target, m.stored_shape)
+        got = merged[target].double()
+        ulp = (exact.to(torch.bfloat16).double() - exact).abs().max() * 2 + 1e-30
+        assert float((got - exact).abs().max()) <= float(ulp), target
+        assert float((got == exact.to(torch.bfloat16).double()).double().mean()) > 0.99
+
+
+def _dw64(f: Path, target: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW of one LoHa module from the file's tensors in float64, by the formula (ComfyUI's einsums)."""
+    stem = "lycoris_" + target.removesuffix(".weight").replace(".", "_")
+    with safe_open(str(f), "pt") as h:
+        t = {k.split(".", 1)[1]: h.get_tensor(k).double() for k in h.keys() if k.startswith(stem + ".")}
+    r = t["hada_w1_b"].shape[0]
+    if "hada_t1" in t:
+        m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+        m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+    else:
+        m1, m2 = t["hada_w1_a"] @ t["hada_w1_b"], t["hada_w2_a"] @ t["hada_w2_b"]
+    return (m1 * m2 * float(t["alpha"]) / r).reshape(shape)
+
+
+def test_lycoris_own_merge_agrees_where_its_scale_is_one(tmp_path: Path) -> None:
+    """LyCORIS' merge_to (4.1.x) applies alpha/r twice for LoHa/LoKr; with alpha = r it equals its
+    forward pass and ours. (Elsewhere ours equals the forward pass: see the test above.)"""
+    torch.manual_seed(3)
+    model = Tiny()
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=4, algo="loha", preset="full")
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    f = tmp_path / "loha.safetensors"
+    net.save_weights(str(f), torch.float32, None)
+    with torch.no_grad():
+        net.merge_to(1.0)
+    theirs = {k: v.detach() for k, v in model.state_dict().items() if "lycoris" not in k and "lora" not in k}
+    out = tmp_path / "m.safetensors"
+    loratools.merge(base, [f], out)
+    ours = load_file(str(out))
+    for k, v in ours.items():
+        assert torch.allclose(v, theirs[k], rtol=0, atol=1e-6), k
+
+
+def test_kohya_round_trip_gives_every_tensor_back(tmp_path: Path) -> None:
+    for name in ("loha-tucker", "lokr-tucker", "lokr-dora", "full"):
+        d = tmp_path / name
+        d.mkdir()
+        base, f, _ = make(d, CASES[name])
+        out = d / "back"
+        loratools.convert(f, out, to="kohya", base=base)
+        written = out / "pytorch_lora_weights.safetensors"
+        want, got = load_file(str(f)), load_file(str(written))
+        assert set(got) == set(want), name
+        for k in want:
+            assert got[k].shape == want[k].shape and torch.equal(got[k], want[k]), (name, k)
+
+
+def test_mixed_file_each_module_its_own_kind(tmp_path: Path) -> None:
+    """Plain LoRA on one module, LoKr on another, LoHa on a third, in one kohya-style file."""
+    parts = {}
+    want_dw = {}
+    for name, target in (("lokr", "conv3"), ("loha", "proj")):
+        d = tmp_path / name
+        d.mkdir()
+        base, f, _ = make(d, CASES[name])
+        keep = {k: v for k, v in load_file(str(f)).items() if k.startswith(f"lycoris_{target}.")}
+        parts.update(keep)
+    g = torch.Generator().manual_seed(9)
+    parts["lycoris_conv1.lora_down.weight"] = torch.randn(2, 8, 1, 1, generator=g)
+    parts["lycoris_conv1.lora_up.weight"] = torch.randn(12, 2, 1, 1, generator=g)
+    parts["lycoris_conv1.alpha"] = torch.tensor(1.0)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(parts, str(mixed))
+    ad = loratools.load_adapter(mixed, base=base)
+    kinds = {t.split(".")[0]: m.delta.kind for t, m in ad.modules.items()}
+    assert kinds == {"proj": "loha", "conv1": "lowrank", "conv3": "lokr"}
+    out = tmp_path / "m.safetensors"
+    loratools.merge(base, [mixed], out)
+    merged, original = load_file(str(out)), load_file(str(base))
+    for target, m in ad.modules.items():
+        want_dw[target] = loratools.delta(m, dtype=torch.float64)
+        assert torch.allclose(merged[target].double(), original[target].double() + want_dw[target], atol=2e-6)
+    lora = want_dw["conv1.weight"].reshape(12, 8)
+    assert torch.allclose(lora, 0.5 * parts["lycoris_conv1.lora_up.weight"].double().reshape(12, 2)
+                          @ parts["lycoris_conv1.lora_down.weight"].double().reshape(2, 8))
+
+
+def test_to_lora_is_the_best_rank_r_approximation(tmp_path: Path) -> None:
+    """resize: each module's error equals Eckart–Young's (the tail of ΔW's singular values, float64)."""
+    base, f, _ = make(tmp_path, CASES["loha"])
+    ad = loratools.load_adapter(f, base=base)
+    out = tmp_path / "lora"
+    result = loratools.convert(f, out, to="peft", base=base, to_lora=True, rank=3)
+    got = loratools.load_adapter(out)
+    assert {m.delta.kind for m in got.modules.values()} == {"lowrank"}
+    assert len(result.approximated) == 3
+    for report in result.approximated:
+        m = ad.modules[report.target]
+        s = torch.linalg.svdvals(m.delta.matrix(dtype=torch.float64))
+        best = float(s[3:].square().sum().sqrt() / s.square().sum().sqrt())
+        assert report.relative_error == pytest.approx(best, rel=1e-6, abs=1e-9)
+        dw = got.modules[report.target].delta.matrix(dtype=torch.float64)
+        assert float(torch.linalg.matrix_norm(dw - m.delta.matrix(dtype=torch.float64))) == pytest.approx(
+            best * float(s.square().sum().sqrt()), rel=1e-4)
+
+
+def test_cli_info_names_the_kinds_and_other_formats_refuse_by_module(tmp_path: Path) -> None:
+    base, f, _ = make(tmp_path, CASES["lokr"])
+    res = CliRunner().invoke(cli, ["info", str(f), "--json"])
+    assert res.exit_code == 0, res.output
+    assert {m["delta"] for m in json.loads(res.output)["module_list"]} == {"lokr"}
+    res = CliRunner().invoke(cli, ["info", str(f)])
+    assert "3 module(s) (lokr)" in res.output and "conv lokr" in res.output
+    res = CliRunner().invoke(cli, ["convert", str(f), str(tmp_path / "x"), "--to", "mlx", "--base", str(base)])
+    assert res.exit_code == 1 and "lokr" in res.output and "conv3" in res.output and "--to-lora" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+    res = CliRunner().invoke(cli, ["convert", str(f), str(tmp_path / "x"), "--to", "kohya", "--base", str(base),
+                                   "--to-lora", "--rank", "2"])
+    assert res.exit_code == 0, res.output
+    assert "proj.weight: from lokr" in res.output and "relative error" in res.output
+    assert {m.delta.kind for m in loratools.load_adapter(tmp_path / "x", base=base).modules.values()} == {"lowrank"}
