@@ -792,7 +792,7 @@ def _module_table(rows: list[dict[str, Any]]) -> None:
         click.echo(
             f"{r['target']:<{width}}  {r['kind'] + extra:<22} {r['rank'] if r['rank'] is not None else '-':>4} "
             f"{alpha:>8} {r['scale']:>9.4g}  "
-            f"{r['dtype']:<5}  {r['delta_norm']:>10.4g}"
+            f"{r['dtype']:<5}  {'-' if r['delta_norm'] is None else format(r['delta_norm'], '.4g'):>10}"
         )
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .errors import InternalError
 
-__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker"]
+__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation"]
 
 Device = torch.device | str | None
 
@@ -514,3 +514,200 @@ class Kronecker(Delta):
 
     def scaled(self, factor: float) -> Kronecker:
         return replace(self, scale=self.scale * factor)
+
+
+# --- kinds that are functions of the weight: W' = f(W) ----------------------------------------------
+
+
+class Transform(Delta):
+    """A change that is a function of the weight itself — (IA)³ scaling, OFT/BOFT rotations — so it
+    has no ΔW apart from the base: :meth:`apply` maps a stored block of W to W' (``out_axis`` is the
+    stored tensor's axis of outputs; ``weight`` interpolates from the identity, as LyCORIS'
+    multiplier and ComfyUI's strength do; ``inverse`` undoes it). Merge, unmerge and verify reach
+    it through the ``Transform`` edit (ops/edits.py); what needs a ΔW alone (stack, resize,
+    --to-lora, formats of factors) refuses it."""
+
+    additive: ClassVar[bool] = False
+    whole_rows: ClassVar[bool] = False  # True: the output axis mixes across rows (rotations)
+
+    @abstractmethod
+    def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
+              window: tuple[int, int] | None = None, absolute: bool = False) -> torch.Tensor:
+        """W' for the stored block W (rows ``window`` of the tensor; None = all). ``absolute``: the
+        same map with every coefficient replaced by its absolute value (for error bounds)."""
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        raise InternalError(f"a {self.kind} change has no ΔW apart from the base weight")
+
+    def magnitude(self) -> Delta:
+        return self
+
+    @property
+    def T(self) -> Delta:
+        raise InternalError(f"a {self.kind} change is applied to the stored weight, not transposed")
+
+    def norm(self) -> float:
+        return float("nan")  # ‖ΔW‖ depends on the base
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": None, "parameters": self.parameter_count()}
+
+
+def _along(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Scaling(Transform):
+    """(IA)³: every output (or, ``on_input``, every input column) of W multiplied by a learned
+    factor. ``vector`` holds it the way the file does: LyCORIS stores factor − 1 (``offset`` 1),
+    PEFT's ``ia3_l`` the factor itself (``offset`` 0). With weight s the factor is 1 + s·(f − 1)."""
+
+    vector: torch.Tensor
+    on_input: bool = False
+    offset: float = 0.0
+    fan_out: int = 0
+    fan_in: int = 0  # in_features (in·kh·kw for a conv); the vector has in_channels values
+
+    kind: ClassVar[str] = "ia3"
+
+    @property
+    def out_features(self) -> int:
+        return self.fan_out
+
+    @property
+    def in_features(self) -> int:
+        return self.fan_in
+
+    @property
+    def depth(self) -> int:
+        return 2
+
+    def factor(self, weight: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        f = self.vector.reshape(-1).to(torch.float64) + self.offset
+        return (1.0 + float(weight) * (f - 1.0)).to(dtype)
+
+    def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
+              window: tuple[int, int] | None = None, absolute: bool = False) -> torch.Tensor:
+        f = self.factor(weight, torch.float64)
+        if inverse:
+            f = 1.0 / f
+        if absolute:
+            f = f.abs()
+        axis = (1 - out_axis) if self.on_input else out_axis
+        if axis == 0 and window is not None:
+            f = f[window[0]:window[1]]
+        return W * _along(f.to(device=W.device, dtype=W.dtype), W.dim(), axis)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"vector": self.vector}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Scaling:
+        return replace(self, vector=fn(self.vector))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": None, "on_input": self.on_input, "parameters": self.parameter_count()}
+
+
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """LyCORIS' orthogonal blocks, in float64: Q = B − Bᵀ (scaled to norm ``constraint`` when
+    ‖Q‖ + 1e-8 exceeds it, over all blocks together), R = (I + Q)(I − Q)⁻¹."""
+    B = blocks.to(torch.float64)
+    q = B - B.transpose(-1, -2)
+    if constraint > 0:
+        norm = float(torch.linalg.vector_norm(q)) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(B.shape[-1], dtype=torch.float64)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+@dataclass(frozen=True, eq=False)
+class Rotation(Transform):
+    """OFT / BOFT (LyCORIS): W's output rows rotated by block-diagonal orthogonal matrices from the
+    Cayley transform of ``blocks``. OFT: ``blocks`` (n, b, b), W'_k = M_kᵀ W_k for each block k of
+    b output rows. BOFT: ``blocks`` (m, n, b, b), m butterfly stages, stage i shuffling rows in groups
+    of 2^i·b/2 before its block-diagonal M (W ← M W), as LyCORIS' ``boft.diff_weight``. With weight
+    s each M = s·R + (1 − s)·I; ``rescale`` (out,) multiplies the result per output; ``constraint``
+    is LyCORIS' alpha · out_features (0: none)."""
+
+    blocks: torch.Tensor
+    constraint: float = 0.0
+    rescale: torch.Tensor | None = None
+    fan_in: int = 0
+    alpha: float = 0.0  # the file's own value
+
+    kind: ClassVar[str] = "oft"
+    whole_rows: ClassVar[bool] = True
+
+    @property
+    def butterfly(self) -> bool:
+        return self.blocks.dim() == 4
+
+    @property
+    def out_features(self) -> int:
+        return int(self.blocks.shape[-3]) * int(self.blocks.shape[-1])
+
+    @property
+    def in_features(self) -> int:
+        return self.fan_in
+
+    @property
+    def depth(self) -> int:
+        stages = int(self.blocks.shape[0]) if self.butterfly else 1
+        return stages * (int(self.blocks.shape[-1]) + 1) + 2
+
+    def matrices(self, weight: float, inverse: bool, absolute: bool) -> torch.Tensor:
+        R = cayley(self.blocks, self.constraint)
+        if weight != 1.0:
+            R = R * weight + (1.0 - weight) * torch.eye(R.shape[-1], dtype=torch.float64)
+        if inverse:
+            R = torch.linalg.inv(R)
+        return R.abs() if absolute else R
+
+    def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
+              window: tuple[int, int] | None = None, absolute: bool = False) -> torch.Tensor:
+        if window is not None and (window[0] != 0 or window[1] != W.shape[0]) and out_axis == 0:
+            raise InternalError("a rotation of output rows needs every row at once")
+        R = self.matrices(weight, inverse, absolute).to(device=W.device, dtype=W.dtype)
+        X = W if out_axis == 0 else W.transpose(0, 1)
+        shape = X.shape
+        if self.rescale is not None and inverse:
+            r = self.rescale.reshape(-1).to(device=W.device, dtype=torch.float64)
+            X = X / _along((r.abs() if absolute else r).to(W.dtype), X.dim(), 0)
+        if self.butterfly:
+            X = _butterfly(X, R, inverse)
+        else:
+            n, b = R.shape[0], R.shape[-1]  # W'_k = R_kᵀ W_k, and W_k = (R_k⁻¹)ᵀ W'_k
+            X = torch.einsum("knm,kn...->km...", R, X.reshape(n, b, *shape[1:])).reshape(shape)
+        if self.rescale is not None and not inverse:
+            r = self.rescale.reshape(-1).to(device=W.device, dtype=W.dtype)
+            X = X * _along(r.abs() if absolute else r, X.dim(), 0)
+        return X if out_axis == 0 else X.transpose(0, 1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"blocks": self.blocks, **({"rescale": self.rescale} if self.rescale is not None else {})}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Rotation:
+        return replace(self, blocks=fn(self.blocks), rescale=None if self.rescale is None else fn(self.rescale))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "boft" if self.butterfly else "oft", "rank": None, "block_size": int(self.blocks.shape[-1]),
+                "constraint": self.constraint, "parameters": self.parameter_count()}
+
+
+def _butterfly(X: torch.Tensor, R: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """LyCORIS' BOFT stages on the rows of X (R: (m, n, b, b), already inverted when ``inverse``,
+    in which case the stages run in reverse order)."""
+    m, _, b, _ = R.shape
+    half = b // 2
+    stages = range(m - 1, -1, -1) if inverse else range(m)
+    for i in stages:
+        k = 2**i * half
+        X = X.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        X = torch.einsum("bij,bj...->bi...", R[i], X)
+        X = X.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return X

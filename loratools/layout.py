@@ -226,6 +226,35 @@ def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     return m
 
 
+def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_base: str = "") -> LoraModule:
+    """A change that is a function of W ((IA)³, OFT) knows only the axis it acts on: the base tensor
+    gives the rest, once that axis fits."""
+    from .deltas import Rotation, Scaling
+
+    d = m.delta
+    if len(shape) < 2:
+        raise ShapeMismatchError(f"{where}adapter module {clip(m.target)} ({d.kind}) needs a matrix or conv weight; "
+                                 f"base tensor {clip(m.target)}{in_base} has shape {tuple(shape)}.", tensor=m.target)
+    out_ch, in_ch = int(shape[0]), int(shape[1])
+    if isinstance(d, Scaling):
+        n, axis = d.vector.numel(), ("input" if d.on_input else "output")
+        if n != (in_ch if d.on_input else out_ch):
+            raise ShapeMismatchError(
+                f"{where}adapter module {clip(m.target)} ((IA)³ on {axis}s) has {n} factors, base tensor "
+                f"{clip(m.target)}{in_base} of shape {tuple(shape)} has {in_ch if d.on_input else out_ch} {axis}s.",
+                tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
+        d = replace(d, fan_out=out_ch, fan_in=math.prod(shape[1:]))
+    elif isinstance(d, Rotation):
+        if d.out_features != out_ch:
+            raise ShapeMismatchError(
+                f"{where}adapter module {clip(m.target)} ({d.describe()['kind'].upper()}) rotates {d.out_features} "
+                f"outputs, base tensor {clip(m.target)}{in_base} of shape {tuple(shape)} has {out_ch}.",
+                tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
+        d = replace(d, fan_in=math.prod(shape[1:]))
+    kernel = tuple(int(k) for k in shape[2:])
+    return m.with_(delta=d, kind="conv" if kernel else "linear", kernel=kernel, transposed=False)
+
+
 def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None, where: str = "",
             in_base: str = "") -> bool | None:
     """True/False when the module fits ``shape`` in one orientation; None when both fit (square)."""
@@ -456,7 +485,7 @@ def bind(
                 hint="The adapter's names are ambiguous against this base; check that BASE is the right model.",
             )
         shape = tuple(shapes[name])
-        m = _as_kind_of(m, shape)
+        m = _as_kind_of(m, shape) if getattr(m.delta, "additive", True) else _fit_transform(m, shape, where, in_base)
         t = _orient(m, shape, _default_orientation(m, name, adapter, base_config, layout), where, in_base)
         bound = replace(m, target=name, shape=shape, transposed=t, bias_target=_check_extras(m, name, shapes, where))
         if t is None:

@@ -444,6 +444,14 @@ def max_delta_error(a: Adapter, b: Adapter, progress: Any = None) -> float:
         if progress:
             progress(i, len(a.modules), f"verify:{name}")
         other = b.modules[name].with_(shape=m.shape, transposed=m.transposed)
+        if not getattr(m.delta, "additive", True):  # W' = f(W): both maps applied to one seeded probe W
+            if getattr(other.delta, "additive", True) or other.delta.kind != m.delta.kind:
+                raise VerificationError(f"The written adapter's {name} is a {other.delta.kind}, not a {m.delta.kind}.")
+            probe = torch.randn(m.stored_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+            x = m.delta.apply(probe, out_axis=m.out_axis, weight=1.0)  # type: ignore[attr-defined]
+            y = other.delta.apply(probe, out_axis=other.out_axis, weight=1.0)  # type: ignore[attr-defined]
+            worst = max(worst, float((x - y).abs().max() / (x.abs().max() or 1.0)))
+            continue
         rows = m.stored_shape[0]
         step = max(1, (1 << 20) // max(1, math.prod(m.stored_shape[1:])))
         diff = top = 0.0

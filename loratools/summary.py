@@ -44,10 +44,13 @@ def lowrank_norm(B: np.ndarray, A: np.ndarray, scale: float) -> float:
     return abs(float(scale)) * float(np.linalg.norm(B @ A))
 
 
-def _delta_norm(delta: Any) -> float:
-    """‖ΔW‖_F of a module's delta without forming more than its tensors justify (see lowrank_norm)."""
+def _delta_norm(delta: Any) -> float | None:
+    """‖ΔW‖_F of a module's delta without forming more than its tensors justify (see lowrank_norm);
+    None for a change that is a function of the base weight ((IA)³, OFT): it has no ΔW alone."""
     from .deltas import LowRank
 
+    if not getattr(delta, "additive", True):
+        return None
     if isinstance(delta, LowRank):
         return lowrank_norm(delta.B.double().numpy(), delta.A.double().numpy(), delta.scale)
     return float(delta.norm())

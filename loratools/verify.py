@@ -29,7 +29,7 @@ from .checkpoint.safetensors_io import COPY_CHUNK, TensorInfo, load_tensor, read
 from .checkpoint.stream import Range, check_ranges, mapped
 from .deltas import LowRank
 from .dtypes import BY_ST
-from .errors import VerificationError
+from .errors import UnsupportedAdapterError, VerificationError
 from .ops.edits import U32, AddDelta, Compute, Edit, apply_edits, error_bound, row_blocks
 from .ops.plan import Plan, ShardPlan, TensorPlan
 
@@ -416,12 +416,18 @@ def _layer(W: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x @ (W if transposed else W.T)
 
 
-def _factors64(m: LoraModule, weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _factors64(m: LoraModule, weight: float, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, s) in float64 such that the layer adds s·(x Aᵀ) Bᵀ: a low-rank module's own factors
-    (the layer's path x → A → B, never through :func:`loratools.delta`), other kinds as (I, ΔW)."""
+    (the layer's path x → A → B, never through :func:`loratools.delta`), other kinds as (I, ΔW) —
+    for a change that is a function of W, ΔW = f(W) − W in float64."""
     d = m.delta
     if isinstance(d, LowRank):
         return d.A.double(), d.B.double(), d.scale * weight
+    if not getattr(d, "additive", True):
+        W64 = W.double()
+        dW = d.apply(W64, out_axis=m.out_axis, weight=abs(weight), inverse=weight < 0) - W64  # type: ignore[attr-defined]
+        dW = dW.T if m.transposed else dW.reshape(m.fan_out, -1)
+        return torch.eye(m.fan_in, dtype=torch.float64), dW, 1.0
     return torch.eye(m.fan_in, dtype=torch.float64), d.matrix(dtype=torch.float64), weight
 
 
@@ -434,7 +440,11 @@ def forward_check(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged
     tensor: planning refuses it beside other changes)."""
     g = torch.Generator().manual_seed(seed)
     m = parts[0][0]
-    fs = [_factors64(p, w) for p, w in parts]
+    if len(parts) > 1 and any(not getattr(p.delta, "additive", True) for p, _ in parts):
+        raise UnsupportedAdapterError(f"{m.target}: --forward checks a change that is a function of W "
+                                      "((IA)³, OFT) only when it is the tensor's one change; the element check "
+                                      "covers it.", tensor=m.target)
+    fs = [_factors64(p, w, W) for p, w in parts]
     rank = sum(int(A.shape[0]) for A, _, _ in fs)
     W64, M64 = W.double(), merged.double()
     mant = _FLOAT_FACTS.get(BY_ST[dtype].torch, (52, 0))[0]

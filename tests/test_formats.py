@@ -264,13 +264,13 @@ def test_kohya_unsupported_keys_refused_or_skipped_with_a_report(bases, tmp_path
     f = _kohya_file(tmp_path / "mixed.safetensors", {
         "lora_unet_model_layers_0_self_attn_v_proj": {"lora_down.weight": torch.randn(2, 64, generator=g),
                                                       "lora_up.weight": torch.randn(32, 2, generator=g)},
-        "lora_unet_model_layers_1_self_attn_v_proj": {"oft_blocks": torch.randn(4, 8, 8, generator=g),
+        "lora_unet_model_layers_1_self_attn_v_proj": {"lora_mid.weight": torch.randn(2, 2, 3, 3, generator=g),
                                                       "alpha": torch.tensor(1.0)},
     })
     code, text = run("merge", bases["llama"], f, tmp_path / "m")
-    assert code == 1 and "oft_blocks" in text and "--allow-skip" in text and not (tmp_path / "m").exists()
+    assert code == 1 and "lora_mid" in text and "--allow-skip" in text and not (tmp_path / "m").exists()
     code, text = run("merge", bases["llama"], f, tmp_path / "m", "--allow-skip", "-q")
-    assert code == 0 and "skipped" in text and "oft_blocks" in text
+    assert code == 0 and "skipped" in text and "lora_mid" in text
 
 
 # --- diffusers ------------------------------------------------------------------------------------

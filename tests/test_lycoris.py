@@ -27,11 +27,13 @@ logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 
 class Tiny(nn.Module):
+    """Outputs of 32 and 16 channels: BOFT's butterflies need powers of two."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Linear(16, 24)
-        self.conv1 = nn.Conv2d(8, 12, 1)
-        self.conv3 = nn.Conv2d(8, 12, 3, padding=1)
+        self.proj = nn.Linear(16, 32)
+        self.conv1 = nn.Conv2d(8, 16, 1)
+        self.conv3 = nn.Conv2d(8, 16, 3, padding=1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.proj(x), self.conv1(y), self.conv3(y)
@@ -48,7 +50,13 @@ CASES = {
     "lokr-full-matrix": dict(algo="lokr", full_matrix=True),
     "lokr-dora": dict(algo="lokr", factor=2, dora_wd=True),
     "full": dict(algo="full"),
+    "ia3": dict(algo="ia3"),
+    "oft": dict(algo="diag-oft"),
+    "oft-rescaled-constrained": dict(algo="diag-oft", rescaled=True, constraint=1e-4),
+    "boft": dict(algo="boft"),
+    "boft-rescaled-constrained": dict(algo="boft", rescaled=True, constraint=1e-3),
 }
+KIND = {"loha": "loha", "lokr": "lokr", "full": "full", "ia3": "ia3", "oft": "oft", "boft": "oft"}
 INPUTS = (torch.randn(3, 16, generator=torch.Generator().manual_seed(5)),
           torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(6)))
 
@@ -99,7 +107,7 @@ def test_merge_equals_the_lycoris_forward_pass(tmp_path: Path, name: str) -> Non
     assert result.verify is not None and result.verify.ok
     close(outputs(out), want)
     kinds = {m.delta.kind for m in loratools.load_adapter(f).modules.values()}
-    assert kinds == {"loha" if "loha" in name else "lokr" if "lokr" in name else "full"}
+    assert kinds == {KIND[name.split("-")[0]]}
 
 
 def test_unmerge_takes_it_out_and_reversible_gives_the_bits_back(tmp_path: Path) -> None:
@@ -205,7 +213,7 @@ def test_mixed_file_each_module_its_own_kind(tmp_path: Path) -> None:
         parts.update(keep)
     g = torch.Generator().manual_seed(9)
     parts["lycoris_conv1.lora_down.weight"] = torch.randn(2, 8, 1, 1, generator=g)
-    parts["lycoris_conv1.lora_up.weight"] = torch.randn(12, 2, 1, 1, generator=g)
+    parts["lycoris_conv1.lora_up.weight"] = torch.randn(16, 2, 1, 1, generator=g)
     parts["lycoris_conv1.alpha"] = torch.tensor(1.0)
     mixed = tmp_path / "mixed.safetensors"
     save_file(parts, str(mixed))
@@ -218,8 +226,8 @@ def test_mixed_file_each_module_its_own_kind(tmp_path: Path) -> None:
     for target, m in ad.modules.items():
         want_dw[target] = loratools.delta(m, dtype=torch.float64)
         assert torch.allclose(merged[target].double(), original[target].double() + want_dw[target], atol=2e-6)
-    lora = want_dw["conv1.weight"].reshape(12, 8)
-    assert torch.allclose(lora, 0.5 * parts["lycoris_conv1.lora_up.weight"].double().reshape(12, 2)
+    lora = want_dw["conv1.weight"].reshape(16, 8)
+    assert torch.allclose(lora, 0.5 * parts["lycoris_conv1.lora_up.weight"].double().reshape(16, 2)
                           @ parts["lycoris_conv1.lora_down.weight"].double().reshape(2, 8))
 
 
@@ -257,3 +265,75 @@ def test_cli_info_names_the_kinds_and_other_formats_refuse_by_module(tmp_path: P
     assert res.exit_code == 0, res.output
     assert "proj.weight: from lokr" in res.output and "relative error" in res.output
     assert {m.delta.kind for m in loratools.load_adapter(tmp_path / "x", base=base).modules.values()} == {"lowrank"}
+
+
+@pytest.mark.parametrize("name", ["ia3", "oft-rescaled-constrained", "boft-rescaled-constrained"])
+def test_changes_that_depend_on_the_weight_unmerge_and_verify(tmp_path: Path, name: str) -> None:
+    """(IA)³ and OFT/BOFT are functions of W: unmerge inverts them (within the float32 bound; with
+    --reversible bit for bit), --verify-full and the sample check agree, weight 0.5 interpolates
+    from the identity as LyCORIS' multiplier does."""
+    base, f, _ = make(tmp_path, CASES[name])
+    merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
+    assert loratools.merge(base, [f], merged, verify="full").verify.ok
+    loratools.unmerge(merged, [f], back)
+    original, restored = load_file(str(base)), load_file(str(back))
+    for k in original:
+        assert torch.allclose(original[k], restored[k], rtol=0, atol=5e-6), k
+    loratools.merge(base, [f], merged, reversible=True, overwrite=True)
+    loratools.unmerge(merged, [f], back, overwrite=True)
+    restored = load_file(str(back))
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    half = tmp_path / "half.safetensors"
+    loratools.merge(base, [f], half, weights=[0.5])
+    torch.manual_seed(0)
+    model = Tiny()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(base)).items()})
+    net = lycoris.create_lycoris(model, 0.5, linear_dim=4, linear_alpha=2, preset="full", **CASES[name])
+    net.apply_to()
+    net.load_weights(str(f))
+    net.multiplier = 0.5
+    for lo in net.loras:
+        lo.multiplier = 0.5
+    with torch.no_grad():
+        want = model(*INPUTS)
+    close(outputs(half), want)
+
+
+def test_ia3_on_input(tmp_path: Path) -> None:
+    """LyCORIS (IA)³ with on_input (factors per input column), made with its own module."""
+    from lycoris.modules.ia3 import IA3Module
+
+    torch.manual_seed(4)
+    model = Tiny()
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    tensors = {}
+    mods = []
+    for name in ("proj", "conv3"):
+        mod = IA3Module(f"lycoris_{name}", getattr(model, name), 1.0, train_on_input=True)
+        with torch.no_grad():
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+        tensors.update({f"lycoris_{name}.{k}": v.detach().float().contiguous() for k, v in mod.state_dict().items()
+                        if k in ("weight", "on_input")})
+        mods.append(mod)
+    for mod in mods:
+        mod.apply_to()
+    assert float(tensors["lycoris_proj.on_input"]) == 1.0 and tensors["lycoris_proj.weight"].numel() == 16
+    f = tmp_path / "ia3.safetensors"
+    save_file(tensors, str(f))
+    with torch.no_grad():
+        want = model(*INPUTS)
+    out = tmp_path / "m.safetensors"
+    loratools.merge(base, [f], out)
+    close(outputs(out), want)
+    loratools.convert(f, tmp_path / "back", to="kohya", base=base)
+    got = load_file(str(tmp_path / "back" / "pytorch_lora_weights.safetensors"))
+    assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_weight_dependent_changes_are_refused_where_a_delta_alone_is_needed(tmp_path: Path) -> None:
+    base, f, _ = make(tmp_path, CASES["oft"])
+    res = CliRunner().invoke(cli, ["convert", str(f), str(tmp_path / "x"), "--to", "peft", "--base", str(base),
+                                   "--to-lora", "--rank", "2"])
+    assert res.exit_code == 1 and "oft" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()

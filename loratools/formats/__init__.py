@@ -71,7 +71,7 @@ _SPECS = [
     FormatSpec("mlx", "mlx", Capabilities(dora=True, embedding=True, per_module_rank=False,
                                           per_module_scale=False),
                note="a folder with adapters.safetensors and an MLX adapter_config.json"),
-    FormatSpec("kohya", "kohya", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "full"}), dora=True,
+    FormatSpec("kohya", "kohya", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "full", "ia3", "oft"}), dora=True,
                                               dora_per_input=True, conv=True, bias=True),
                note="lora_unet_… / lora_te…_ keys"),
     FormatSpec("diffusers", "diffusers", Capabilities(dora=True, bias=True, conv=True),
@@ -136,7 +136,7 @@ def check_can_hold(name: str, adapter: Adapter, *, server: str | None = None, ca
     if problems:
         who = server or f"the {name} format"
         kinds = any(m.delta.kind != "lowrank" and m.delta.kind not in (caps or FORMATS[name].caps).deltas
-                    for m in adapter.modules.values())
+                    and getattr(m.delta, "additive", True) for m in adapter.modules.values())
         raise UnsupportedAdapterError(
             f"{where}{who} cannot hold {len(problems)} part(s) of this adapter: {', '.join(problems[:6])}"
             + (" …" if len(problems) > 6 else "") + ".",

@@ -43,8 +43,8 @@ PREFIXES: dict[str, str | None] = {  # kohya prefix → diffusers component
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora",
             **lycoris.SUFFIXES}
 # keys of other LyCORIS / kohya network types: recognised so they can be named, not applied
-UNSUPPORTED = (".lora_mid.weight", ".oft_blocks", ".oft_diag", ".w_norm", ".b_norm", ".on_input", ".rescale",
-               ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
+UNSUPPORTED = (".lora_mid.weight", ".oft_diag", ".w_norm", ".b_norm", ".a1.weight", ".a2.weight", ".b1.weight",
+               ".b2.weight")
 TARGETS_KEY = "loratools_targets"
 
 
@@ -59,7 +59,7 @@ def _file(path: Path) -> Path:
 
 def _split(key: str) -> tuple[str, str] | None:
     for suffix, role in SUFFIXES.items():
-        if key.endswith(suffix):
+        if key.endswith(suffix) and "." not in key[: -len(suffix)]:  # kohya stems have no dots
             return key[: -len(suffix)], role
     return None
 
@@ -108,7 +108,7 @@ def read(path: Path, *, allow_skip: bool = False, **_: object) -> Adapter:
     header = read_header(f)
     targets = _targets(header.metadata, f)
     named, others = group_keys(header.tensors, _split, path=f)
-    groups = load_groups(header, named, f)
+    groups = load_groups(header, named, f, integer_roles=frozenset({"alpha", "on_input"}))
     unsupported = [k for k in others if k.endswith(UNSUPPORTED)]
     leftovers = [k for k in others if not k.endswith(UNSUPPORTED)]
     for stem, roles in groups.items():

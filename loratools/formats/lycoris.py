@@ -18,8 +18,16 @@ The facts (LyCORIS 3.x/4.x ``lycoris/modules/{loha,lokr,full}.py``, ComfyUI
 * A missing or zero ``alpha`` means alpha = r (scale 1), as for kohya LoRA and in LyCORIS.
 * ``dora_scale`` (DoRA on these kinds) is read by the kohya reader for every kind.
 
-``lora_mid`` (LoCon Tucker), (IA)³, OFT/BOFT, GLoRA and norm modules are not read here: they are
-refused by name (``--allow-skip`` leaves them out and says so).
+* **(IA)³** ``weight`` (factor − 1 per output, or per input with ``on_input`` = 1), ``on_input``:
+  W' = W · (1 + weight) along that axis (LyCORIS ``modules/ia3.py``).
+* **OFT** ``oft_blocks`` (n, b, b) and **BOFT** ``oft_blocks`` (m, n, b, b), optional ``rescale``,
+  ``alpha`` = the norm constraint per output: Q = B − Bᵀ (scaled down to alpha·out when larger),
+  R = (I + Q)(I − Q)⁻¹; OFT W'_k = R_kᵀ W_k per block of b outputs, BOFT m butterfly stages
+  (LyCORIS ``functional/{diag_oft,boft}.py``). These two change W as a function of W: no ΔW
+  exists without the base (``deltas.Transform``).
+
+``lora_mid`` (LoCon Tucker), GLoRA and norm modules are not read here: they are refused by name
+(``--allow-skip`` leaves them out and says so).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import LoraModule
-from ..deltas import Delta, Full, Hadamard, Kronecker, Product
+from ..deltas import Delta, Full, Hadamard, Kronecker, Product, Rotation, Scaling
 from ..errors import AdapterFormatError, InternalError
 from ..jsonio import clip
 
@@ -40,14 +48,19 @@ Roles = dict[str, tuple[str, torch.Tensor]]
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 FULL = ("diff", "diff_b")
-ROLES = LOHA + LOKR + FULL
+IA3 = ("weight", "on_input")
+OFT = ("oft_blocks", "rescale")
+ROLES = LOHA + LOKR + FULL + IA3 + OFT
 # suffix → role, for keys.group_keys
 SUFFIXES = {f".{role}": role for role in ROLES}
 
 
 def kind_of(roles: Roles) -> str | None:
     """Which LyCORIS kind a group of keys is (None: not one of these)."""
-    kinds = {k for k, names in (("loha", LOHA), ("lokr", LOKR), ("full", FULL)) if any(r in roles for r in names)}
+    kinds = {k for k, names in (("loha", LOHA), ("lokr", LOKR), ("full", FULL), ("ia3", IA3), ("oft", OFT))
+             if any(r in roles for r in names)}
+    if kinds == {"ia3"} and "on_input" not in roles:
+        return None  # a bare ``.weight`` is not (IA)³: LyCORIS always saves on_input beside it
     return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
 
 
@@ -126,6 +139,33 @@ def _full(f: Path, stem: str, roles: Roles) -> tuple[Delta | None, torch.Tensor 
     return (None if diff is None else Full(diff.reshape(diff.shape[0], -1))), diff_b
 
 
+def _ia3(f: Path, stem: str, roles: Roles) -> Delta:
+    """LyCORIS (IA)³: ``weight`` holds factor − 1 per output (or per input with ``on_input``):
+    (out,) / (in,) for a Linear, (1, c, 1, 1) for a conv. The base gives the other dimensions."""
+    w, flag = roles["weight"][1], roles["on_input"][1]
+    if flag.numel() != 1:
+        raise _bad(f, stem, f"on_input has shape {_shape(flag)}; it is one flag")
+    if w.dim() not in (1,) and not (w.dim() >= 3 and w.shape[0] == 1 and all(s == 1 for s in w.shape[2:])):
+        raise _bad(f, stem, f"weight has shape {_shape(w)}; (IA)³ holds one factor per channel")
+    return Scaling(w, on_input=bool(int(flag.reshape(-1)[0])), offset=1.0)
+
+
+def _oft(f: Path, stem: str, roles: Roles, alpha: float | None) -> Delta:
+    """LyCORIS OFT ``oft_blocks`` (n, b, b) / BOFT (m, n, b, b), optional ``rescale`` (out, 1…),
+    ``alpha`` the norm constraint per output (0: none)."""
+    blocks = roles["oft_blocks"][1]
+    if blocks.dim() not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
+        raise _bad(f, stem, f"oft_blocks has shape {_shape(blocks)}; (n, b, b) or (m, n, b, b) blocks are needed")
+    if blocks.dim() == 4 and blocks.shape[-1] % 2:
+        raise _bad(f, stem, f"BOFT blocks of odd size {blocks.shape[-1]} do not pair up")
+    out = int(blocks.shape[-3]) * int(blocks.shape[-1])
+    rescale = _t(roles, "rescale")
+    if rescale is not None and rescale.numel() != out:
+        raise _bad(f, stem, f"rescale has {rescale.numel()} values for {out} outputs")
+    a = float(alpha or 0.0)
+    return Rotation(blocks, constraint=a * out, rescale=rescale, alpha=a)
+
+
 def bias_change(f: Path, stem: str, roles: Roles) -> torch.Tensor | None:
     """``diff_b`` (a bias change, added unscaled) beside any kind of module, or None."""
     return _full(f, stem, {k: v for k, v in roles.items() if k == "diff_b"})[1]
@@ -147,6 +187,10 @@ def build(f: Path, stem: str, roles: Roles, alpha: float | None) -> tuple[Delta 
         t = _t(roles, "lokr_t2")
         kernel = _shape(w2)[2:] if w2 is not None else (_shape(t)[2:] if t is not None else ())
         return d, kernel, None
+    if kind == "ia3":
+        return _ia3(f, stem, roles), (), None
+    if kind == "oft":
+        return _oft(f, stem, roles, alpha), (), None
     if kind == "full":
         d, bias = _full(f, stem, roles)
         diff = _t(roles, "diff")
@@ -196,6 +240,14 @@ def tensors(stem: str, m: LoraModule) -> dict[str, torch.Tensor]:
                 if P.core is not None:
                     out[f"{stem}.lokr_t{n}"] = P.core
         out[f"{stem}.alpha"] = torch.tensor(_alpha_out(d), dtype=torch.float32)
+    elif isinstance(d, Scaling):
+        out[f"{stem}.weight"] = d.vector
+        out[f"{stem}.on_input"] = torch.tensor(float(d.on_input), dtype=d.vector.dtype)  # as LyCORIS saves it
+    elif isinstance(d, Rotation):
+        out[f"{stem}.oft_blocks"] = d.blocks
+        if d.rescale is not None:
+            out[f"{stem}.rescale"] = d.rescale
+        out[f"{stem}.alpha"] = torch.tensor(float(d.alpha), dtype=torch.float32)
     elif isinstance(d, Full):
         W = d.W if d.scale == 1.0 else (d.W.double() * d.scale).to(d.W.dtype)
         out[f"{stem}.diff"] = W.reshape(m.stored_shape if m.kind == "conv" else W.shape)

@@ -77,6 +77,14 @@ def convert(
     if to_lora:
         modules = dict(a.modules)
         others = [n for n, m in sorted(a.modules.items()) if m.delta.kind != "lowrank"]
+        weighty = [n for n in others if not getattr(a.modules[n].delta, "additive", True)]
+        if weighty:
+            raise UnsupportedAdapterError(
+                f"--to-lora: {len(weighty)} module(s) change the weight as a function of itself "
+                f"({', '.join(f'{n} ({a.modules[n].delta.kind})' for n in weighty[:6])}{' …' if len(weighty) > 6 else ''}): "
+                "their ΔW exists only against the base's tensors, which convert does not read.",
+                hint="Merge the adapter into the base instead, or extract a LoRA from the merged model: "
+                "loratools extract BASE MERGED OUT --rank R.")
         for n_done, name in enumerate(others, start=1):
             if opts.progress:
                 opts.progress(n_done, len(others), name)

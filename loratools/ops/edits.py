@@ -7,8 +7,9 @@ kept in one class, the way PEFT keeps a LoRA variant's merge and unmerge togethe
 lists of edits; execute and verify call these methods and never ask which class they have.
 
 The kinds: :class:`AddDelta` (W += w·ΔW), :class:`Dora` (W = m ⊙ (W+ΔW)/‖W+ΔW‖),
-:class:`DoraUndo` (its inverse, given the stored norms), :class:`AddBias` (b += w·s·lora_B.bias)
-and :class:`Replace` (W = tensor: ``modules_to_save``, or the original restored).
+:class:`DoraUndo` (its inverse, given the stored norms), :class:`AddBias` (b += w·s·lora_B.bias),
+:class:`Apply` (W = f(W): (IA)³, OFT/BOFT) and :class:`Replace` (W = tensor: ``modules_to_save``,
+or the original restored).
 """
 
 from __future__ import annotations
@@ -233,6 +234,49 @@ class AddBias(AddDelta):
 
     def describe(self, who: str) -> str:
         return f"lora bias from {who} (weight {self.weight:g})"
+
+
+@dataclass(frozen=True, eq=False)
+class Apply(Edit):
+    """W = f(W) for a change that is a function of the weight — (IA)³ scaling, OFT/BOFT rotations
+    (``deltas.Transform``); ``inverted`` takes it out again. |weight| interpolates from the
+    identity, as LyCORIS' multiplier does."""
+
+    module: LoraModule | None = None
+    inverted: bool = False
+    label = "transform"
+
+    def _m(self) -> LoraModule:
+        if self.module is None or getattr(self.module.delta, "additive", True):
+            raise InternalError("an Apply edit needs a module whose change is a function of the weight")
+        return self.module
+
+    @property
+    def whole(self) -> bool:
+        m = self._m()
+        return bool(getattr(m.delta, "whole_rows", False)) and m.out_axis == 0
+
+    def _f(self, W: torch.Tensor, absolute: bool) -> torch.Tensor:
+        m = self._m()
+        window = self.window or (0, W.shape[0])
+        return m.delta.apply(W, out_axis=m.out_axis, weight=abs(self.weight), inverse=self.inverted,  # type: ignore[attr-defined]
+                             window=window, absolute=absolute)
+
+    def apply(self, W: torch.Tensor, c: Compute) -> torch.Tensor:
+        return self._f(W, absolute=False)
+
+    def _rows(self, i: int, j: int) -> Edit:
+        return replace(self, window=_window(self, i, j))
+
+    def inverse(self, *, norm: torch.Tensor | None, original: torch.Tensor) -> Edit:
+        return replace(self, weight=-self.weight, inverted=not self.inverted)
+
+    def grow_bound(self, mag: torch.Tensor, c: Compute) -> tuple[torch.Tensor, int]:
+        return self._f(mag, absolute=True), self._m().delta.depth
+
+    def describe(self, who: str) -> str:
+        d = self._m().delta.describe()
+        return f"{d['kind']}{' taken out' if self.inverted else ''} from {who} (weight {abs(self.weight):g})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ from ..checkpoint.reader import Checkpoint
 from ..checkpoint.safetensors_io import TensorInfo
 from ..dtypes import BY_ST, st_name
 from ..errors import InternalError, UnsupportedAdapterError
-from .edits import AddBias, AddDelta, Dora, DoraUndo, Edit, Replace
+from .edits import AddBias, AddDelta, Apply, Dora, DoraUndo, Edit, Replace
 
 
 @dataclass
@@ -128,7 +128,12 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
         taking_out = ai.sign < 0
         target = removals if taking_out else additions
         for name, m in ai.adapter.modules.items():
-            if m.magnitude is not None:
+            if not getattr(m.delta, "additive", True):
+                if m.magnitude is not None:
+                    raise UnsupportedAdapterError(f"{ai.label}: module {name} combines DoRA with a {m.delta.kind} "
+                                                  "change, which loratools does not apply.", tensor=name)
+                target.setdefault(name, []).append(Apply(i, w, module=m, inverted=taking_out))
+            elif m.magnitude is not None:
                 if abs(w) != 1.0:
                     raise UnsupportedAdapterError(
                         f"{ai.label}: DoRA module {name} cannot be applied with weight {abs(w):g}: DoRA rescales the "
