@@ -337,3 +337,57 @@ def test_weight_dependent_changes_are_refused_where_a_delta_alone_is_needed(tmp_
                                    "--to-lora", "--rank", "2"])
     assert res.exit_code == 1 and "oft" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_sd_unet_file_with_kohya_names(tmp_path: Path, algo: str) -> None:
+    """A LyCORIS file for an SD1-style UNet, keys named ``lora_unet_…`` as sd-scripts/A1111 files
+    are, binds through kohya name resolution to the diffusers UNet folder and merges to LyCORIS'
+    forward pass."""
+    from diffusers import UNet2DConditionModel
+
+    from tests import models
+
+    folder = models.save_tiny_unet(tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(folder).eval()
+    net = lycoris.create_lycoris(unet, 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset="attn-mlp", factor=4)
+    net.apply_to()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    saved = tmp_path / "raw.safetensors"
+    net.save_weights(str(saved), torch.float32, None)
+    f = tmp_path / f"{algo}.safetensors"
+    save_file({k.replace("lycoris_", "lora_unet_", 1): v for k, v in load_file(str(saved)).items()}, str(f))
+    args = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([3]), torch.randn(1, 5, 16, generator=g))
+    with torch.no_grad():
+        want = unet(*args).sample
+    out = tmp_path / "merged"
+    result = loratools.merge(folder, [f], out)
+    assert len(result.changed) == len({k.split(".")[0] for k in load_file(str(saved))}) > 10
+    merged = UNet2DConditionModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = merged(*args).sample
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_stack_and_resize_take_lycoris_deltas_and_refuse_transforms(tmp_path: Path) -> None:
+    base, f, _ = make(tmp_path, CASES["loha"])
+    g = torch.Generator().manual_seed(2)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"lycoris_proj.lora_down.weight": torch.randn(2, 16, generator=g),
+               "lycoris_proj.lora_up.weight": torch.randn(32, 2, generator=g), "lycoris_proj.alpha": torch.tensor(2.0)},
+              str(plain))
+    out = tmp_path / "cat"
+    loratools.stack([f, plain], out, method="cat", base=base)
+    got = loratools.load_adapter(out).modules["proj.weight"].delta.matrix(dtype=torch.float64)
+    a, b = (loratools.load_adapter(p, base=base).modules["proj.weight"].delta.matrix(dtype=torch.float64)
+            for p in (f, plain))
+    assert torch.allclose(got, a + b, rtol=0, atol=1e-5 * float((a + b).abs().max()))
+    d = tmp_path / "oft"
+    d.mkdir()
+    obase, oft, _ = make(d, CASES["oft"])
+    res = CliRunner().invoke(cli, ["stack", str(oft), str(oft), str(tmp_path / "x"), "--method", "cat", "--base",
+                                   str(obase)])
+    assert res.exit_code == 1 and "oft" in res.output and "Traceback" not in res.output

@@ -91,6 +91,11 @@ def _modules_by_target(read: list[Adapter], ws: list[float]) -> dict[str, list[t
                 f"{a.path}: kohya names lose the dots of the module path, so they meet other adapters' names only "
                 "through a base model.", path=a.path, hint="Pass --base BASE (the model the adapters were made for).")
         for target, m in a.modules.items():
+            if not getattr(m.delta, "additive", True):
+                raise UnsupportedAdapterError(
+                    f"{a.path}: module {target} is a {m.delta.kind} change, a function of the base weight with no ΔW "
+                    "of its own: it cannot be stacked or resized.", tensor=target,
+                    hint="Merge it into the base instead (loratools merge).")
             if m.magnitude is not None:
                 raise UnsupportedAdapterError(
                     f"{a.path}: DoRA module {target} cannot be stacked: its magnitude rescales the whole weight, which "
@@ -265,6 +270,9 @@ def resize(
         if m.magnitude is not None:
             raise UnsupportedAdapterError(f"DoRA module {target} cannot be resized (its magnitude depends on ΔW).",
                                           tensor=target)
+        if not getattr(m.delta, "additive", True):
+            raise UnsupportedAdapterError(f"module {target} is a {m.delta.kind} change, a function of the base weight "
+                                          "with no ΔW of its own: it cannot be resized.", tensor=target)
         modules[target], report = as_lowrank(m, rank=rank, energy=energy, dtype=opts.torch_output_dtype)
         result.modules.append(report)
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
