@@ -113,8 +113,8 @@ def test_merge_equals_the_lycoris_forward_pass(tmp_path: Path, name: str) -> Non
 def test_unmerge_takes_it_out_and_reversible_gives_the_bits_back(tmp_path: Path) -> None:
     base, f, _ = make(tmp_path, CASES["lokr-tucker"])
     merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
-    loratools.merge(base, [f], merged, reversible=True)
-    loratools.unmerge(merged, [f], back)
+    loratools.merge(base, f, merged, reversible=True)  # one adapter need not be a list
+    loratools.unmerge(merged, f, back)
     original, restored = load_file(str(base)), load_file(str(back))
     assert all(torch.equal(original[k], restored[k]) for k in original)
     loratools.merge(base, [f], merged, overwrite=True)

@@ -118,6 +118,14 @@ def _run(operation: str, base: str | Path, groups: list[AdapterGroup], out: str 
     return run_checkpoint(base, groups, out, options, planner=planner(operation, options), operation=operation)
 
 
+def _as_list(adapters: Sequence[str | Path | Adapter] | str | Path | Adapter) -> list[str | Path | Adapter]:
+    """One adapter given where a list is expected (``merge(base, "lora", out)``) is a list of one —
+    not a string whose characters are read as paths."""
+    if isinstance(adapters, (str, Path, Adapter)):
+        return [adapters]
+    return list(adapters)
+
+
 def merge(
     base: str | Path,
     adapters: Sequence[str | Path | Adapter],
@@ -134,6 +142,7 @@ def merge(
     back are stored beside OUT, so that unmerge restores the base bit for bit.
     """
     opts = Options.build(**options)  # type: ignore[arg-type]
+    adapters = _as_list(adapters)
     ws = check_weights(weights, len(adapters))
     return _run("merge", base, [AdapterGroup(adapters, ws, 1.0)], out, opts)
 
@@ -153,6 +162,7 @@ def unmerge(
     taken out, the base comes back bit for bit (``exact=False`` declines that).
     """
     opts = Options.build(**options)  # type: ignore[arg-type]
+    adapters = _as_list(adapters)
     ws = check_weights(weights, len(adapters), default=None)
     return _run("unmerge", merged, [AdapterGroup(adapters, ws, -1.0)], out, opts)
 
