@@ -30,7 +30,7 @@ import torch
 
 from .errors import InternalError
 
-__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation"]
+__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation", "InputRotation"]
 
 Device = torch.device | str | None
 
@@ -571,6 +571,7 @@ class Scaling(Transform):
     offset: float = 0.0
     fan_out: int = 0
     fan_in: int = 0  # in_features (in·kh·kw for a conv); the vector has in_channels values
+    with_bias: bool = False  # PEFT: factors on outputs scale the layer's bias too
 
     kind: ClassVar[str] = "ia3"
 
@@ -711,3 +712,87 @@ def _butterfly(X: torch.Tensor, R: torch.Tensor, inverse: bool) -> torch.Tensor:
         X = torch.einsum("bij,bj...->bi...", R[i], X)
         X = X.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
     return X
+
+
+def _neumann_cayley(Q: torch.Tensor, terms: int) -> torch.Tensor:
+    """PEFT's Cayley–Neumann series R ≈ I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (``terms`` = n), or
+    the exact Cayley transform (I − Q)(I + Q)⁻¹ when ``terms`` is 0 — PEFT's
+    ``OFTRotationModule._cayley_batch``, in float64."""
+    eye = torch.eye(Q.shape[-1], dtype=torch.float64).expand_as(Q)
+    if terms <= 0:
+        return torch.linalg.solve(eye + Q, eye - Q, left=False)
+    R = eye.clone()
+    if terms > 1:
+        R = R + 2.0 * Q
+        if terms > 2:
+            power = Q @ Q
+            R = R + 2.0 * power
+            for _ in range(3, terms - 1):
+                power = power @ Q
+                R = R + 2.0 * power
+            R = R + power @ Q
+    return R
+
+
+@dataclass(frozen=True, eq=False)
+class InputRotation(Transform):
+    """PEFT's OFT: the inputs rotated by a block-diagonal M of ``b``×``b`` blocks, W' = W·Mᵀ (a
+    conv's flattened in·kh·kw inputs), each block from the upper-triangle vector of a skew matrix
+    Q through PEFT's Cayley–Neumann series (``terms``; 0: the exact Cayley transform);
+    ``block_share``: one block for all. With weight s, M = s·M + (1 − s)·I."""
+
+    vectors: torch.Tensor  # (blocks, b(b−1)/2) as PEFT stores oft_R.weight
+    block_size: int
+    terms: int = 5
+    block_share: bool = False
+    fan_out: int = 0
+    fan_in: int = 0
+
+    kind: ClassVar[str] = "oft"
+
+    @property
+    def out_features(self) -> int:
+        return self.fan_out
+
+    @property
+    def in_features(self) -> int:
+        return self.fan_in
+
+    @property
+    def depth(self) -> int:
+        return self.block_size + 2
+
+    def blocks(self, weight: float, inverse: bool, absolute: bool) -> torch.Tensor:
+        b = self.block_size
+        rows, cols = torch.triu_indices(b, b, 1)
+        v = self.vectors.to(torch.float64)
+        Q = torch.zeros(v.shape[0], b, b, dtype=torch.float64)
+        Q[:, rows, cols] = v
+        Q = Q - Q.transpose(-1, -2)
+        M = _neumann_cayley(Q, self.terms)
+        if weight != 1.0:
+            M = M * weight + (1.0 - weight) * torch.eye(b, dtype=torch.float64)
+        if inverse:
+            M = torch.linalg.inv(M)
+        if self.block_share and self.fan_in:
+            M = M.expand(self.fan_in // b, b, b)
+        return M.abs() if absolute else M
+
+    def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
+              window: tuple[int, int] | None = None, absolute: bool = False) -> torch.Tensor:
+        if out_axis != 0:
+            raise InternalError("PEFT OFT on a base stored (in, out) is not supported")
+        M = self.blocks(weight, inverse, absolute).to(device=W.device, dtype=W.dtype)
+        n, b = M.shape[0], self.block_size
+        X = W.reshape(W.shape[0], n, b)
+        return torch.einsum("rnk,nck->rnc", X, M).reshape(W.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"vectors": self.vectors}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> InputRotation:
+        return replace(self, vectors=fn(self.vectors))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "oft", "rank": None, "block_size": self.block_size, "cayley_neumann_terms": self.terms,
+                "parameters": self.parameter_count()}

@@ -229,13 +229,15 @@ def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
 def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_base: str = "") -> LoraModule:
     """A change that is a function of W ((IA)³, OFT) knows only the axis it acts on: the base tensor
     gives the rest, once that axis fits."""
-    from .deltas import Rotation, Scaling
+    from .deltas import InputRotation, Rotation, Scaling
 
     d = m.delta
     if len(shape) < 2:
         raise ShapeMismatchError(f"{where}adapter module {clip(m.target)} ({d.kind}) needs a matrix or conv weight; "
                                  f"base tensor {clip(m.target)}{in_base} has shape {tuple(shape)}.", tensor=m.target)
-    out_ch, in_ch = int(shape[0]), int(shape[1])
+    transposed = bool(m.transposed) and len(shape) == 2  # PEFT fan_in_fan_out: stored (in, out)
+    out_ch, in_ch = (int(shape[1]), int(shape[0])) if transposed else (int(shape[0]), int(shape[1]))
+    fan_in = math.prod(shape) // out_ch
     if isinstance(d, Scaling):
         n, axis = d.vector.numel(), ("input" if d.on_input else "output")
         if n != (in_ch if d.on_input else out_ch):
@@ -243,7 +245,16 @@ def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_ba
                 f"{where}adapter module {clip(m.target)} ((IA)³ on {axis}s) has {n} factors, base tensor "
                 f"{clip(m.target)}{in_base} of shape {tuple(shape)} has {in_ch if d.on_input else out_ch} {axis}s.",
                 tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
-        d = replace(d, fan_out=out_ch, fan_in=math.prod(shape[1:]))
+        d = replace(d, fan_out=out_ch, fan_in=fan_in)
+    elif isinstance(d, InputRotation):
+        blocks = 1 if d.block_share else int(d.vectors.shape[0])
+        if fan_in % d.block_size or (not d.block_share and blocks * d.block_size != fan_in) or transposed:
+            raise ShapeMismatchError(
+                f"{where}adapter module {clip(m.target)} (OFT, {blocks} block(s) of {d.block_size}) does not fit base "
+                f"tensor {clip(m.target)}{in_base} of shape {tuple(shape)} ({fan_in} inputs"
+                f"{'; stored (in, out)' if transposed else ''}).",
+                tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
+        d = replace(d, fan_out=out_ch, fan_in=fan_in)
     elif isinstance(d, Rotation):
         if d.out_features != out_ch:
             raise ShapeMismatchError(
@@ -252,7 +263,7 @@ def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_ba
                 tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
         d = replace(d, fan_in=math.prod(shape[1:]))
     kernel = tuple(int(k) for k in shape[2:])
-    return m.with_(delta=d, kind="conv" if kernel else "linear", kernel=kernel, transposed=False)
+    return m.with_(delta=d, kind="conv" if kernel else "linear", kernel=kernel, transposed=transposed)
 
 
 def _orient(m: LoraModule, shape: tuple[int, ...], default: bool | None, where: str = "",
@@ -333,6 +344,9 @@ def _check_extras(m: LoraModule, name: str, shapes: Mapping[str, tuple[int, ...]
                 f"{tuple(shapes[bias_target])}.",
                 tensor=bias_target,
             )
+    if getattr(m.delta, "with_bias", False):  # PEFT (IA)³ on outputs scales the bias too, where there is one
+        bias_target = name.removesuffix(".weight") + ".bias"
+        return bias_target if bias_target in shapes else None
     along = m.fan_in // max(1, math.prod(m.kernel)) if m.dora_per_input else m.fan_out  # per input channel
     if m.magnitude is not None and m.magnitude.numel() != along:
         raise ShapeMismatchError(

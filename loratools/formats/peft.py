@@ -17,6 +17,7 @@ from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
+from . import peft_transforms
 from .common import alpha_of, check_factor, lowrank, peft_bias, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
@@ -26,6 +27,8 @@ __all__ = ["NAME", "detect", "read", "write"]  # detect comes from the torch-fre
 def read(path: Path, **_: object) -> Adapter:
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
+    if str(cfg.get("peft_type", "")).upper() in peft_transforms.TYPES:  # (IA)³, OFT: functions of W
+        return peft_transforms.read(path, cfg, config_path, weights)
     if weights.suffix == ".safetensors":  # the plan (and its refusals) from the header, before any tensor is read
         header = read_header(weights)
         plan = plan_state_dict(cfg, config_path, weights, {k: t.shape for k, t in header.tensors.items()})

@@ -133,6 +133,9 @@ def collect_ops(adapters: list[AdapterInput], undo: UndoData | None = None) -> d
                     raise UnsupportedAdapterError(f"{ai.label}: module {name} combines DoRA with a {m.delta.kind} "
                                                   "change, which loratools does not apply.", tensor=name)
                 target.setdefault(name, []).append(Apply(i, w, module=m, inverted=taking_out))
+                if getattr(m.delta, "with_bias", False) and m.bias_target:  # the bias is one vector of outputs
+                    target.setdefault(m.bias_target, []).append(
+                        Apply(i, w, module=m.with_(transposed=False, kind="linear", kernel=()), inverted=taking_out))
             elif m.magnitude is not None:
                 if abs(w) != 1.0:
                     raise UnsupportedAdapterError(

@@ -1,0 +1,98 @@
+"""PEFT's own (IA)³ and OFT adapters against PEFT: ``merge_and_unload`` and the un-merged forward
+pass of the PeftModel are the oracles; the adapters are made by PEFT (``get_peft_model``) on a
+tiny model with Linear, feed-forward Linear and 3×3 conv layers, their weights randomised with a
+seeded generator (PEFT starts them at the identity) and saved by ``save_pretrained``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import loratools
+
+peft = pytest.importorskip("peft")
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 32)
+        self.ff = nn.Linear(32, 16)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ff(torch.tanh(self.proj(x))), self.conv(y)
+
+
+INPUTS = (torch.randn(3, 16, generator=torch.Generator().manual_seed(1)),
+          torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(2)))
+CASES = {
+    "ia3": lambda: peft.IA3Config(target_modules=["proj", "ff", "conv"], feedforward_modules=["ff"]),
+    "ia3-conv-feedforward": lambda: peft.IA3Config(target_modules=["proj", "conv"], feedforward_modules=["conv"]),
+    "oft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff", "conv"]),
+    "oft-exact-cayley": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "conv"],
+                                              use_cayley_neumann=False),
+    "oft-block-share": lambda: peft.OFTConfig(oft_block_size=8, r=0, target_modules=["proj", "ff"], block_share=True),
+    "oft-coft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff"], coft=True, eps=1e-2),
+}
+
+
+def make(tmp: Path, name: str) -> tuple[Path, Path, tuple, dict]:
+    """(base file, adapter folder, the PeftModel's outputs, merge_and_unload's weights)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    base = tmp / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    pm = peft.get_peft_model(model, CASES[name]())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "oft_R" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    out = tmp / "adapter"
+    pm.save_pretrained(out)
+    pm.eval()
+    with torch.no_grad():
+        want = tuple(o.clone() for o in pm(*INPUTS))
+        merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    return base, out, want, merged
+
+
+def outputs(path: Path) -> tuple[torch.Tensor, ...]:
+    model = Tiny()
+    model.load_state_dict(load_file(str(path)))
+    with torch.no_grad():
+        return model(*INPUTS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_merge_equals_peft(tmp_path: Path, name: str) -> None:
+    base, adapter, want, theirs = make(tmp_path, name)
+    out = tmp_path / "m.safetensors"
+    assert loratools.merge(base, adapter, out).verify.ok
+    ours = load_file(str(out))
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+    # PEFT's un-merged OFT on a conv rotates unfolded patches and folds them back summed (padding 0),
+    # which is not the layer its own merge_and_unload makes: there the merge is the oracle
+    checked = outputs(out) if not name.startswith("oft") else outputs(out)[:1]
+    for g, w in zip(checked, want):
+        assert float((g - w).abs().max()) <= 5e-6 * max(1.0, float(w.abs().max()))
+    assert loratools.verify_checkpoint(base, [adapter], out, forward=True).ok
+
+
+@pytest.mark.parametrize("name", ["ia3", "oft"])
+def test_unmerge_gives_the_base_back(tmp_path: Path, name: str) -> None:
+    base, adapter, _, _ = make(tmp_path, name)
+    merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
+    loratools.merge(base, adapter, merged)
+    loratools.unmerge(merged, adapter, back)
+    original, restored = load_file(str(base)), load_file(str(back))
+    for k in original:
+        assert torch.allclose(original[k], restored[k], rtol=0, atol=5e-6), k
