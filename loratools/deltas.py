@@ -372,14 +372,39 @@ def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class Hadamard(Delta):
-    """LyCORIS LoHa: ΔW = scale · (W1) ⊙ (W2), each half a :class:`Product` (w_a @ w_b, or a
-    Tucker chain for conv); scale = alpha / r with r the rows of ``hada_w1_b``."""
+class _Halves(Delta):
+    """A delta made of two :class:`Product` halves and a scale (LoHa, LoKr): what they share."""
 
     W1: Product
     W2: Product
     scale: float
     alpha: float | None = None
+
+    @property
+    def depth(self) -> int:
+        return self.W1.depth + self.W2.depth + 2
+
+    def magnitude(self) -> Delta:
+        return type(self)(self.W1.abs(), self.W2.abs(), abs(float(self.scale)))
+
+    @property
+    def T(self) -> Delta:
+        return replace(self, W1=self.W1.transposed(), W2=self.W2.transposed())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.W1.tensors("w1"), **self.W2.tensors("w2")}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Delta:
+        return replace(self, W1=self.W1.map(fn), W2=self.W2.map(fn))
+
+    def scaled(self, factor: float) -> Delta:
+        return replace(self, scale=self.scale * factor)
+
+
+@dataclass(frozen=True, eq=False)
+class Hadamard(_Halves):
+    """LyCORIS LoHa: ΔW = scale · (W1) ⊙ (W2), each half a :class:`Product` (w_a @ w_b, or a
+    Tucker chain for conv); scale = alpha / r with r the rows of ``hada_w1_b``."""
 
     kind: ClassVar[str] = "loha"
 
@@ -395,10 +420,6 @@ class Hadamard(Delta):
     def rank(self) -> int | None:
         return self.W1.rank
 
-    @property
-    def depth(self) -> int:
-        return self.W1.depth + self.W2.depth + 2
-
     def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
              weight: float = 1.0) -> torch.Tensor:
         left = self.W1.rows(i, j, dtype=dtype, device=device)
@@ -406,19 +427,6 @@ class Hadamard(Delta):
 
     def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
         return self.W1.take(idx, dtype) * self.W2.take(idx, dtype) * (float(weight) * float(self.scale))
-
-    def magnitude(self) -> Hadamard:
-        return Hadamard(self.W1.abs(), self.W2.abs(), abs(float(self.scale)))
-
-    @property
-    def T(self) -> Hadamard:
-        return replace(self, W1=self.W1.transposed(), W2=self.W2.transposed())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.W1.tensors("w1"), **self.W2.tensors("w2")}
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Hadamard:
-        return replace(self, W1=self.W1.map(fn), W2=self.W2.map(fn))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U1 V1) ⊙ (U2 V2) = (U1 ∗ U2)(V1 ∗ V2): the row-wise and column-wise Khatri–Rao products,
@@ -436,21 +444,13 @@ class Hadamard(Delta):
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
                 "tucker": self.W1.core is not None, "parameters": self.parameter_count()}
 
-    def scaled(self, factor: float) -> Hadamard:
-        return replace(self, scale=self.scale * factor)
-
 
 @dataclass(frozen=True, eq=False)
-class Kronecker(Delta):
+class Kronecker(_Halves):
     """LyCORIS LoKr: ΔW = scale · kron(W1, W2), W1 (a, c) and W2 (b, d·kh·kw), each whole or a
     :class:`Product` (w2 also as a Tucker chain); ΔW is (a·b, c·d·kh·kw) — the conv kernel flattened
     after the input channels, as torch.kron of W1[..., None, None] with a (b, d, kh, kw) W2 lays it
     out. scale = alpha / r (r: rows of the factorized half's ``_b``), 1 when both halves are whole."""
-
-    W1: Product
-    W2: Product
-    scale: float
-    alpha: float | None = None
 
     kind: ClassVar[str] = "lokr"
 
@@ -465,10 +465,6 @@ class Kronecker(Delta):
     @property
     def rank(self) -> int | None:
         return self.W1.rank if self.W1.rank is not None else self.W2.rank
-
-    @property
-    def depth(self) -> int:
-        return self.W1.depth + self.W2.depth + 2
 
     def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
              weight: float = 1.0) -> torch.Tensor:
@@ -485,19 +481,6 @@ class Kronecker(Delta):
         out = (w1[:, :, None] * w2[:, None, :]).reshape(len(idx), -1)
         return out * (float(weight) * float(self.scale))
 
-    def magnitude(self) -> Kronecker:
-        return Kronecker(self.W1.abs(), self.W2.abs(), abs(float(self.scale)))
-
-    @property
-    def T(self) -> Kronecker:
-        return replace(self, W1=self.W1.transposed(), W2=self.W2.transposed())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.W1.tensors("w1"), **self.W2.tensors("w2")}
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Kronecker:
-        return replace(self, W1=self.W1.map(fn), W2=self.W2.map(fn))
-
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """kron(U1 V1, U2 V2) = kron(U1, U2) · kron(V1, V2): exact, rank r1·r2; None when that rank is
         not below min(out, in)."""
@@ -511,9 +494,6 @@ class Kronecker(Delta):
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
                 "factors": [[self.W1.rows_n, self.W1.cols_n], [self.W2.rows_n, self.W2.cols_n]],
                 "parameters": self.parameter_count()}
-
-    def scaled(self, factor: float) -> Kronecker:
-        return replace(self, scale=self.scale * factor)
 
 
 # --- kinds that are functions of the weight: W' = f(W) ----------------------------------------------
@@ -529,6 +509,15 @@ class Transform(Delta):
 
     additive: ClassVar[bool] = False
     whole_rows: ClassVar[bool] = False  # True: the output axis mixes across rows (rotations)
+
+    # the base's shape, filled in at binding (layout._fit_transform): subclasses hold fan_out / fan_in
+    @property
+    def out_features(self) -> int:
+        return int(getattr(self, "fan_out", 0))
+
+    @property
+    def in_features(self) -> int:
+        return int(getattr(self, "fan_in", 0))
 
     @abstractmethod
     def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
@@ -574,14 +563,6 @@ class Scaling(Transform):
     with_bias: bool = False  # PEFT: factors on outputs scale the layer's bias too
 
     kind: ClassVar[str] = "ia3"
-
-    @property
-    def out_features(self) -> int:
-        return self.fan_out
-
-    @property
-    def in_features(self) -> int:
-        return self.fan_in
 
     @property
     def depth(self) -> int:
@@ -749,14 +730,6 @@ class InputRotation(Transform):
     fan_in: int = 0
 
     kind: ClassVar[str] = "oft"
-
-    @property
-    def out_features(self) -> int:
-        return self.fan_out
-
-    @property
-    def in_features(self) -> int:
-        return self.fan_in
 
     @property
     def depth(self) -> int:
