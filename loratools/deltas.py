@@ -729,7 +729,7 @@ class InputRotation(Transform):
     fan_out: int = 0
     fan_in: int = 0
 
-    kind: ClassVar[str] = "oft"
+    kind: ClassVar[str] = "peft_oft"  # not LyCORIS' "oft": another parametrization, on the inputs
 
     @property
     def depth(self) -> int:
@@ -767,5 +767,5 @@ class InputRotation(Transform):
         return replace(self, vectors=fn(self.vectors))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "oft", "rank": None, "block_size": self.block_size, "cayley_neumann_terms": self.terms,
+        return {"kind": "peft_oft", "rank": None, "block_size": self.block_size, "cayley_neumann_terms": self.terms,
                 "parameters": self.parameter_count()}

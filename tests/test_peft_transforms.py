@@ -96,3 +96,18 @@ def test_unmerge_gives_the_base_back(tmp_path: Path, name: str) -> None:
     original, restored = load_file(str(base)), load_file(str(back))
     for k in original:
         assert torch.allclose(original[k], restored[k], rtol=0, atol=5e-6), k
+
+
+def test_other_formats_refuse_what_they_cannot_express(tmp_path: Path) -> None:
+    """PEFT OFT rotates inputs (LyCORIS' OFT rotates outputs) and PEFT (IA)³ on outputs scales the bias
+    (LyCORIS' does not): converting them to a kohya/LyCORIS file is refused, nothing written."""
+    from click.testing import CliRunner
+
+    from loratools.cli import cli
+
+    for name in ("oft", "ia3"):
+        d = tmp_path / name
+        d.mkdir()
+        base, adapter, _, _ = make(d, name)
+        res = CliRunner().invoke(cli, ["convert", str(adapter), str(d / "k"), "--to", "kohya", "--base", str(base)])
+        assert res.exit_code == 1 and "Traceback" not in res.output and not (d / "k").exists(), res.output

@@ -40,7 +40,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..deltas import Delta, Full, Hadamard, Kronecker, Product, Rotation, Scaling
-from ..errors import AdapterFormatError, InternalError
+from ..errors import AdapterFormatError, InternalError, UnsupportedAdapterError
 from ..jsonio import clip
 
 Roles = dict[str, tuple[str, torch.Tensor]]
@@ -241,7 +241,11 @@ def tensors(stem: str, m: LoraModule) -> dict[str, torch.Tensor]:
                     out[f"{stem}.lokr_t{n}"] = P.core
         out[f"{stem}.alpha"] = torch.tensor(_alpha_out(d), dtype=torch.float32)
     elif isinstance(d, Scaling):
-        out[f"{stem}.weight"] = d.vector
+        if d.with_bias:
+            raise UnsupportedAdapterError(f"{m.target}: PEFT (IA)³ on outputs scales the layer's bias too, which a "
+                                          "LyCORIS (IA)³ module does not do.", tensor=m.target)
+        vector = d.vector if d.offset == 1.0 else (d.vector.double() + (d.offset - 1.0)).to(d.vector.dtype)
+        out[f"{stem}.weight"] = vector  # LyCORIS stores factor − 1
         out[f"{stem}.on_input"] = torch.tensor(float(d.on_input), dtype=d.vector.dtype)  # as LyCORIS saves it
     elif isinstance(d, Rotation):
         out[f"{stem}.oft_blocks"] = d.blocks
@@ -251,4 +255,6 @@ def tensors(stem: str, m: LoraModule) -> dict[str, torch.Tensor]:
     elif isinstance(d, Full):
         W = d.W if d.scale == 1.0 else (d.W.double() * d.scale).to(d.W.dtype)
         out[f"{stem}.diff"] = W.reshape(m.stored_shape if m.kind == "conv" else W.shape)
+    if not out:
+        raise InternalError(f"{m.target}: a {d.kind} delta reached the LyCORIS writer")
     return {k: v.contiguous() for k, v in out.items()}
