@@ -17,7 +17,7 @@ from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
-from . import peft_transforms
+from . import peft_loha_lokr, peft_transforms
 from .common import alpha_of, check_factor, lowrank, peft_bias, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
@@ -29,6 +29,8 @@ def read(path: Path, **_: object) -> Adapter:
     cfg = read_config(config_path)
     if str(cfg.get("peft_type", "")).upper() in peft_transforms.TYPES:  # (IA)³, OFT: functions of W
         return peft_transforms.read(path, cfg, config_path, weights)
+    if str(cfg.get("peft_type", "")).upper() in peft_loha_lokr.TYPES:
+        return peft_loha_lokr.read(path, cfg, config_path, weights)
     if weights.suffix == ".safetensors":  # the plan (and its refusals) from the header, before any tensor is read
         header = read_header(weights)
         plan = plan_state_dict(cfg, config_path, weights, {k: t.shape for k, t in header.tensors.items()})
@@ -85,8 +87,13 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, record:
 
     Per-module scales are kept exactly: when modules differ in scale, the most common (r, alpha) is
     the config's and the others go to ``rank_pattern`` / ``alpha_pattern`` with anchored, escaped
-    module names.
+    module names. An adapter of LoHa or LoKr modules is written as PEFT's LOHA / LOKR type
+    (``peft_loha_lokr``).
     """
+    kind = peft_loha_lokr.kind_of(adapter)
+    if kind is not None:
+        return peft_loha_lokr.write(adapter, out, kind, base_model=base_model, record=record, config_path=CONFIG,
+                                    weights_name=WEIGHTS[0])
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
