@@ -329,9 +329,23 @@ def test_ia3_on_input(tmp_path: Path) -> None:
     loratools.convert(f, tmp_path / "back", to="kohya", base=base)
     got = load_file(str(tmp_path / "back" / "pytorch_lora_weights.safetensors"))
     assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    # as PEFT's own IA3 (feed-forward modules: inputs scaled), loaded by PEFT
+    import peft
+
+    loratools.convert(f, tmp_path / "peft", to="peft", base=base)
+    fresh = Tiny()
+    fresh.load_state_dict(load_file(str(base)))
+    pm = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        close(pm(*INPUTS), want)
 
 
 def test_weight_dependent_changes_are_refused_where_a_delta_alone_is_needed(tmp_path: Path) -> None:
+    d = tmp_path / "ia3"
+    d.mkdir()
+    ibase, ia3, _ = make(d, CASES["ia3"])  # on outputs: PEFT's IA3 would scale the biases too
+    res = CliRunner().invoke(cli, ["convert", str(ia3), str(d / "x"), "--to", "peft", "--base", str(ibase)])
+    assert res.exit_code == 1 and "bias" in res.output and not (d / "x").exists()
     base, f, _ = make(tmp_path, CASES["oft"])
     res = CliRunner().invoke(cli, ["convert", str(f), str(tmp_path / "x"), "--to", "peft", "--base", str(base),
                                    "--to-lora", "--rank", "2"])

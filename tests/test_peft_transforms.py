@@ -111,3 +111,16 @@ def test_other_formats_refuse_what_they_cannot_express(tmp_path: Path) -> None:
         base, adapter, _, _ = make(d, name)
         res = CliRunner().invoke(cli, ["convert", str(adapter), str(d / "k"), "--to", "kohya", "--base", str(base)])
         assert res.exit_code == 1 and "Traceback" not in res.output and not (d / "k").exists(), res.output
+
+
+@pytest.mark.parametrize("name", ["ia3", "ia3-conv-feedforward"])
+def test_ia3_round_trip_loads_in_peft(tmp_path: Path, name: str) -> None:
+    base, adapter, want, _ = make(tmp_path, name)
+    out = tmp_path / "again"
+    loratools.convert(adapter, out, to="peft", base=base)
+    model = Tiny()
+    model.load_state_dict(load_file(str(base)))
+    pm = peft.PeftModel.from_pretrained(model, str(out)).eval()
+    with torch.no_grad():
+        for g, w in zip(pm(*INPUTS), want):
+            assert float((g - w).abs().max()) <= 2e-6 * max(1.0, float(w.abs().max()))

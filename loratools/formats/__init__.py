@@ -65,7 +65,7 @@ class FormatSpec:
 
 
 _SPECS = [
-    FormatSpec("peft", "peft", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr"}), dora=True, bias=True,
+    FormatSpec("peft", "peft", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "ia3"}), dora=True, bias=True,
                                             conv=True, embedding=True, transposed=True,
                                             mixed_transposed=False, full_tensors=True),
                note="a folder whose adapter_config.json has a peft_type"),

@@ -91,6 +91,9 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, record:
     (``peft_loha_lokr``).
     """
     kind = peft_loha_lokr.kind_of(adapter)
+    if kind == "IA3":
+        return peft_transforms.write_ia3(adapter, out, base_model=base_model, record=record, config_path=CONFIG,
+                                         weights_name=WEIGHTS[0])
     if kind is not None:
         return peft_loha_lokr.write(adapter, out, kind, base_model=base_model, record=record, config_path=CONFIG,
                                     weights_name=WEIGHTS[0])

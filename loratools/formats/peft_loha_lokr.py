@@ -102,7 +102,7 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path) -> A
 
 
 def kind_of(adapter: Adapter) -> str | None:
-    """LOHA / LOKR when every module is of that kind, None for plain LoRA; mixed kinds are refused."""
+    """LOHA / LOKR / IA3 when every module is of that kind, None for plain LoRA; mixed kinds are refused."""
     kinds = {m.delta.kind for m in adapter.modules.values()}
     if kinds <= {"lowrank"}:
         return None
@@ -110,6 +110,8 @@ def kind_of(adapter: Adapter) -> str | None:
         return "LOHA"
     if kinds == {"lokr"}:
         return "LOKR"
+    if kinds == {"ia3"}:
+        return "IA3"
     listing = ", ".join(f"{clip(n)} ({m.delta.kind})" for n, m in sorted(adapter.modules.items())[:6])
     raise UnsupportedAdapterError(
         f"a PEFT adapter holds one kind of module; this one mixes {', '.join(sorted(kinds))}: {listing}.",

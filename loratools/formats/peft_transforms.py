@@ -7,6 +7,10 @@ The facts (PEFT 0.21, ``peft/tuners/{ia3,oft}/layer.py``):
   Linear, (1, in) for one of ``feedforward_modules`` (the inputs are scaled), (1, c, 1, 1) for a
   conv (outputs, or inputs when feed-forward). ``merge``: W ⊙ ia3_l, and for non-feed-forward
   modules the bias ⊙ ia3_l as well. ``fan_in_fan_out`` (GPT-2 ``Conv1D``) transposes it.
+* Written (``convert --to peft``): an adapter whose modules are all (IA)³ becomes a PEFT IA3
+  adapter — LyCORIS' factor − 1 stored as the factor (one rounding), ``on_input`` modules as
+  ``feedforward_modules``; LyCORIS (IA)³ on outputs is refused, since PEFT's merge and forward
+  scale the layer's bias as well and LyCORIS' do not.
 * **OFT** ``base_model.model.<module>.oft_R.weight`` (blocks, b(b−1)/2): per block the upper
   triangle of a skew-symmetric Q; R = PEFT's Cayley–Neumann series of Q
   (``num_cayley_neumann_terms``, or the exact Cayley transform with ``use_cayley_neumann`` false);
@@ -20,6 +24,7 @@ Not read: PEFT's BOFT (butterfly factors with ``boft_s`` scaling), OFT on embedd
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -29,11 +34,11 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..checkpoint.reader import load_state_dict
-from ..checkpoint.safetensors_io import load_tensors, read_header
+from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..deltas import InputRotation, Scaling
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import clip
-from .common import check_factor
+from .common import check_factor, with_record
 
 PREFIX = "base_model.model."
 TYPES = ("IA3", "OFT")
@@ -114,3 +119,42 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path) -> A
     return Adapter(modules=modules, meta={"format": "peft", "config": cfg, "peft_type": kind,
                                           "base_model": cfg.get("base_model_name_or_path")},
                    path=path, files=[config_path, weights])
+
+
+def write_ia3(adapter: Adapter, out: Path, *, base_model: str | None, record: str | None, config_path: str,
+              weights_name: str) -> list[Path]:
+    """A PEFT IA3 adapter of (IA)³ modules (see the module docstring for what is refused)."""
+    problems, tensors, feedforward = [], {}, []
+    for target, m in sorted(adapter.modules.items()):
+        d = m.delta
+        if not isinstance(d, Scaling):
+            problems.append(f"{target} ({d.kind})")
+            continue
+        if m.transposed or m.magnitude is not None or m.bias is not None:
+            problems.append(f"{target} (stored (in, out), DoRA or a bias change)")
+            continue
+        if not d.on_input and not d.with_bias:
+            problems.append(f"{target} (scales outputs without the bias; PEFT's IA3 scales the bias too)")
+            continue
+        name = target.removesuffix(".weight")
+        factor = d.vector.reshape(-1)
+        factor = factor if d.offset == 0.0 else (factor.double() + d.offset).to(factor.dtype)
+        if m.kind == "conv":
+            shape: tuple[int, ...] = (1, -1, *([1] * len(m.kernel)))
+        else:
+            shape = (1, -1) if d.on_input else (-1, 1)
+        tensors[f"{PREFIX}{name}.ia3_l"] = factor.reshape(shape).contiguous()
+        if d.on_input:
+            feedforward.append(name)
+    if problems or adapter.replacements:
+        problems += [f"{n} (full tensor)" for n in sorted(adapter.replacements)]
+        raise UnsupportedAdapterError(
+            f"PEFT IA3 cannot hold {len(problems)} part(s): {'; '.join(problems[:6])}{' …' if len(problems) > 6 else ''}.",
+            hint="convert --to kohya keeps LyCORIS (IA)³ modules as they are.")
+    names = sorted(t.removesuffix(".weight") for t in adapter.modules)
+    cfg = {"peft_type": "IA3", "base_model_name_or_path": base_model or adapter.meta.get("base_model"),
+           "target_modules": names, "feedforward_modules": sorted(feedforward), "fan_in_fan_out": False,
+           "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None}
+    (out / config_path).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_tensors(out / weights_name, tensors, with_record({"format": "pt"}, record))
+    return [out / config_path, out / weights_name]
