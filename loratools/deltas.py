@@ -30,7 +30,8 @@ import torch
 
 from .errors import InternalError
 
-__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation", "InputRotation"]
+__all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation", "InputRotation",
+           "InputButterfly"]
 
 Device = torch.device | str | None
 
@@ -769,3 +770,84 @@ class InputRotation(Transform):
     def describe(self) -> dict[str, Any]:
         return {"kind": "peft_oft", "rank": None, "block_size": self.block_size, "cayley_neumann_terms": self.terms,
                 "parameters": self.parameter_count()}
+
+
+def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
+    """PEFT's ``BOFTLayer.block_butterfly_perm``: the index permutation of one butterfly stage."""
+    if n_butterfly_factor == 0:
+        return torch.arange(n)
+    if b * r * 2 > n:
+        raise InternalError("invalid number of butterfly blocks")
+    block = n // b
+    step = block / r
+    order = torch.arange(block)
+    sorted_order = torch.empty(block, dtype=torch.long)
+    sequence = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)))
+    for i, pos in enumerate(sequence):
+        sorted_order[int(i * r): int(i * r + r)] = order[int(pos * r): int(pos * r + r)]
+    indices = torch.arange(n)
+    for i in range(0, n, block):
+        indices[i:i + block] = indices[i:i + block][sorted_order]
+    return indices
+
+
+@dataclass(frozen=True, eq=False)
+class InputButterfly(Transform):
+    """PEFT's BOFT: the inputs rotated by a product of butterfly stages, W' = (W · Mᵀ) ⊙ s with
+    M = B_{m−1} ⋯ B_0, B_i = P_i · blockdiag(C_i) · P_iᵀ, C_i = (I − S)(I + S)⁻¹ for S = (R − Rᵀ)/2
+    (``boft_R`` (m, n, b, b)), P_i PEFT's butterfly permutations of the layer's inputs, ``boft_s``
+    one factor per output. With weight s each C ← s·C + (1 − s)·I and each factor 1 + s·(f − 1)."""
+
+    blocks: torch.Tensor  # boft_R (m, n, b, b)
+    scale: torch.Tensor  # boft_s, one value per output
+    fan_out: int = 0
+    fan_in: int = 0
+
+    kind: ClassVar[str] = "peft_boft"
+
+    @property
+    def depth(self) -> int:
+        return int(self.blocks.shape[0]) * (int(self.blocks.shape[-1]) + 1) + 2
+
+    def apply(self, W: torch.Tensor, *, out_axis: int, weight: float, inverse: bool = False,
+              window: tuple[int, int] | None = None, absolute: bool = False) -> torch.Tensor:
+        if out_axis != 0:
+            raise InternalError("PEFT BOFT on a base stored (in, out) is not supported")
+        m, n, b, _ = self.blocks.shape
+        R = self.blocks.to(torch.float64)
+        S = 0.5 * (R - R.transpose(-1, -2)).reshape(m * n, b, b)
+        eye = torch.eye(b, dtype=torch.float64).expand_as(S)
+        C = torch.linalg.solve(eye + S, eye - S, left=False).reshape(m, n, b, b)
+        if weight != 1.0:
+            C = C * weight + (1.0 - weight) * torch.eye(b, dtype=torch.float64)
+        if inverse:
+            C = torch.linalg.inv(C)
+        if absolute:
+            C = C.abs()
+        f = 1.0 + float(weight) * (self.scale.reshape(-1).to(torch.float64) - 1.0)
+        if window is not None:
+            f = f[window[0]:window[1]]
+        f = (f.abs() if absolute else f).to(device=W.device, dtype=W.dtype)
+        C = C.to(device=W.device, dtype=W.dtype)
+        X = W.reshape(W.shape[0], -1)
+        if inverse:
+            X = X / f[:, None]
+        stages = range(m - 1, -1, -1) if inverse else range(m)
+        for i in stages:
+            perm = butterfly_perm(self.fan_in, n // 2**i, b // 2, m - 1).to(W.device)
+            X = X[:, torch.argsort(perm)]
+            X = torch.einsum("rnk,nck->rnc", X.reshape(X.shape[0], n, b), C[i]).reshape(X.shape)
+            X = X[:, perm]
+        if not inverse:
+            X = X * f[:, None]
+        return X.reshape(W.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"blocks": self.blocks, "scale": self.scale}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> InputButterfly:
+        return replace(self, blocks=fn(self.blocks), scale=fn(self.scale))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "peft_boft", "rank": None, "block_size": int(self.blocks.shape[-1]),
+                "stages": int(self.blocks.shape[0]), "parameters": self.parameter_count()}

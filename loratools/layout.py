@@ -229,7 +229,7 @@ def _as_kind_of(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
 def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_base: str = "") -> LoraModule:
     """A change that is a function of W ((IA)³, OFT) knows only the axis it acts on: the base tensor
     gives the rest, once that axis fits."""
-    from .deltas import InputRotation, Rotation, Scaling
+    from .deltas import InputButterfly, InputRotation, Rotation, Scaling
 
     d = m.delta
     if len(shape) < 2:
@@ -254,6 +254,14 @@ def _fit_transform(m: LoraModule, shape: tuple[int, ...], where: str = "", in_ba
                 f"tensor {clip(m.target)}{in_base} of shape {tuple(shape)} ({fan_in} inputs"
                 f"{'; stored (in, out)' if transposed else ''}).",
                 tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
+        d = replace(d, fan_out=out_ch, fan_in=fan_in)
+    elif isinstance(d, InputButterfly):
+        m_, n_, b_, _ = d.blocks.shape
+        if n_ * b_ != fan_in or d.scale.numel() != out_ch or transposed or fan_in % (b_ * 2 ** (m_ - 1)):
+            raise ShapeMismatchError(
+                f"{where}adapter module {clip(m.target)} (BOFT, {m_} stage(s) of {n_} blocks of {b_}, "
+                f"{d.scale.numel()} output factors) does not fit base tensor {clip(m.target)}{in_base} of shape "
+                f"{tuple(shape)}.", tensor=m.target, hint="The adapter was trained on a different base model. Check BASE.")
         d = replace(d, fan_out=out_ch, fan_in=fan_in)
     elif isinstance(d, Rotation):
         if d.out_features != out_ch:

@@ -38,6 +38,9 @@ CASES = {
                                               use_cayley_neumann=False),
     "oft-block-share": lambda: peft.OFTConfig(oft_block_size=8, r=0, target_modules=["proj", "ff"], block_share=True),
     "oft-coft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff"], coft=True, eps=1e-2),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["proj", "ff", "conv"]),
+    "boft-three-stages": lambda: peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
+                                                target_modules=["proj", "ff"]),
 }
 
 
@@ -53,8 +56,10 @@ def make(tmp: Path, name: str) -> tuple[Path, Path, tuple, dict]:
         for n, p in pm.named_parameters():
             if "ia3_l" in n:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "oft_R" in n:
+            elif "oft_R" in n or "boft_R" in n:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "boft_s" in n:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     out = tmp / "adapter"
     pm.save_pretrained(out)
     pm.eval()
@@ -81,13 +86,13 @@ def test_merge_equals_peft(tmp_path: Path, name: str) -> None:
         assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
     # PEFT's un-merged OFT on a conv rotates unfolded patches and folds them back summed (padding 0),
     # which is not the layer its own merge_and_unload makes: there the merge is the oracle
-    checked = outputs(out) if not name.startswith("oft") else outputs(out)[:1]
+    checked = outputs(out) if "oft" not in name else outputs(out)[:1]
     for g, w in zip(checked, want):
         assert float((g - w).abs().max()) <= 5e-6 * max(1.0, float(w.abs().max()))
     assert loratools.verify_checkpoint(base, [adapter], out, forward=True).ok
 
 
-@pytest.mark.parametrize("name", ["ia3", "oft"])
+@pytest.mark.parametrize("name", ["ia3", "oft", "boft-three-stages"])
 def test_unmerge_gives_the_base_back(tmp_path: Path, name: str) -> None:
     base, adapter, _, _ = make(tmp_path, name)
     merged, back = tmp_path / "m.safetensors", tmp_path / "b.safetensors"

@@ -18,8 +18,13 @@ The facts (PEFT 0.21, ``peft/tuners/{ia3,oft}/layer.py``):
   first (what PEFT's forward does to them). ``merge``: W' = W · blockdiag(R)ᵀ over the layer's
   inputs (a conv's in·kh·kw).
 
-Not read: PEFT's BOFT (butterfly factors with ``boft_s`` scaling), OFT on embeddings, OFT with
-``fan_in_fan_out``, ``modules_to_save``-only adapters of these types: refused by name.
+* **BOFT** ``…<module>.boft_R`` (stages, blocks, b, b) and ``boft_s`` (out, 1) — (1, out) for a
+  conv: W' = (W · Mᵀ) ⊙ boft_s over the inputs, M the product of the butterfly stages (each a
+  permutation, a block-diagonal Cayley transform of (R − Rᵀ)/2, the permutation back), PEFT's
+  ``BOFTLayer.get_delta_weight`` and ``block_butterfly_perm``.
+
+Not read: OFT/BOFT on embeddings or with ``fan_in_fan_out``, ``modules_to_save`` beside these
+types: refused by name.
 """
 
 from __future__ import annotations
@@ -35,13 +40,13 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
-from ..deltas import InputRotation, Scaling
+from ..deltas import InputButterfly, InputRotation, Scaling
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import clip
 from .common import check_factor, with_record
 
 PREFIX = "base_model.model."
-TYPES = ("IA3", "OFT")
+TYPES = ("IA3", "OFT", "BOFT")
 
 
 def _matches(name: str, patterns: Any) -> bool:
@@ -75,6 +80,8 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path) -> A
     if cfg.get("modules_to_save"):
         raise UnsupportedAdapterError(f"{config_path}: modules_to_save beside a PEFT {kind} adapter is not read yet.",
                                       path=config_path)
+    if kind == "BOFT":
+        return _read_boft(path, cfg, config_path, weights, sd)
     suffix = ".ia3_l" if kind == "IA3" else ".oft_R.weight"
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     modules: dict[str, LoraModule] = {}
@@ -117,6 +124,38 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path) -> A
     if not modules:
         raise AdapterFormatError(f"{weights} holds no {kind} tensors.", path=weights)
     return Adapter(modules=modules, meta={"format": "peft", "config": cfg, "peft_type": kind,
+                                          "base_model": cfg.get("base_model_name_or_path")},
+                   path=path, files=[config_path, weights])
+
+
+def _read_boft(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path,
+               sd: dict[str, torch.Tensor]) -> Adapter:
+    if cfg.get("fan_in_fan_out"):
+        raise UnsupportedAdapterError(f"{config_path}: PEFT BOFT with fan_in_fan_out is not read yet.", path=config_path)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    leftovers = []
+    for key, t in sorted(sd.items()):
+        role = next((r for r in ("boft_R", "boft_s") if key.endswith("." + r)), None)
+        if not key.startswith(PREFIX) or role is None:
+            leftovers.append(key)
+            continue
+        groups.setdefault(key[len(PREFIX):-len(role) - 1], {})[role] = (key, check_factor(t, key, weights))
+    if leftovers:
+        raise AdapterFormatError(f"{weights}: {len(leftovers)} key(s) are not PEFT BOFT tensors loratools reads: "
+                                 f"{', '.join(clip(k) for k in leftovers[:6])}.", path=weights)
+    modules: dict[str, LoraModule] = {}
+    for name, roles in groups.items():
+        if set(roles) != {"boft_R", "boft_s"}:
+            raise AdapterFormatError(f"{weights}: {clip(name)} needs both boft_R and boft_s.", path=weights, tensor=name)
+        R, s = roles["boft_R"][1], roles["boft_s"][1]
+        if R.dim() != 4 or R.shape[-1] != R.shape[-2] or R.shape[-1] % 2 or s.dim() != 2 or 1 not in s.shape:
+            raise AdapterFormatError(f"{weights}: {clip(name)} has boft_R {tuple(R.shape)}, boft_s {tuple(s.shape)}: "
+                                     "(stages, blocks, b, b) and (out, 1) are needed.", path=weights, tensor=name)
+        modules[name + ".weight"] = LoraModule(target=name + ".weight", delta=InputButterfly(R, s), transposed=False,
+                                               source_keys=(roles["boft_R"][0], roles["boft_s"][0]))
+    if not modules:
+        raise AdapterFormatError(f"{weights} holds no BOFT tensors.", path=weights)
+    return Adapter(modules=modules, meta={"format": "peft", "config": cfg, "peft_type": "BOFT",
                                           "base_model": cfg.get("base_model_name_or_path")},
                    path=path, files=[config_path, weights])
 
