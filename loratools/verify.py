@@ -473,7 +473,15 @@ def forward_check(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged
         mag = conv(x.abs(), M64.abs(), padding=pad)
         bound = 2.0**-mant * mag + (rank + 4 + W[0].numel()) * u * (conv(x.abs(), W64.abs(), padding=pad) + sum(
             abs(s) * conv(conv(x.abs(), down.abs(), padding=pad), up.abs()) for down, up, s in convs))
-        if dora:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
+        if dora and m.dora_per_input:  # old LyCORIS: normed per input channel = the input scaled per channel
+            down, up, s = convs[0]
+            effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, -1), down)
+            dims = tuple(d for d in range(effective.dim()) if d != 1)
+            factor = (m.magnitude.double() / torch.linalg.vector_norm(effective, dim=dims)).reshape(1, -1, *([1] * len(k)))
+            xs = x * factor
+            ref = conv(xs, W64, padding=pad) + sum(s * conv(conv(xs, down, padding=pad), up) for down, up, s in convs)
+            bound = (4 * 2.0**-mant + (W[0].numel() + rank + 8) * u) * ref.abs().max() * torch.ones_like(ref)
+        elif dora:  # DoRA: the composed kernel of the two LoRA convs, normed per output channel
             down, up, s = convs[0]
             effective = W64 + s * torch.einsum("or,r...->o...", up.reshape(m.fan_out, -1), down)
             norm = torch.linalg.vector_norm(effective.reshape(m.fan_out, -1), dim=1)

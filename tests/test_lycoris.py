@@ -106,6 +106,7 @@ def test_merge_equals_the_lycoris_forward_pass(tmp_path: Path, name: str) -> Non
     result = loratools.merge(base, [f], out)
     assert result.verify is not None and result.verify.ok
     close(outputs(out), want)
+    assert loratools.verify_checkpoint(base, [f], out, forward=True).ok
     kinds = {m.delta.kind for m in loratools.load_adapter(f).modules.values()}
     assert kinds == {KIND[name.split("-")[0]]}
 
@@ -405,3 +406,16 @@ def test_stack_and_resize_take_lycoris_deltas_and_refuse_transforms(tmp_path: Pa
     res = CliRunner().invoke(cli, ["stack", str(oft), str(oft), str(tmp_path / "x"), "--method", "cat", "--base",
                                    str(obase)])
     assert res.exit_code == 1 and "oft" in res.output and "Traceback" not in res.output
+
+
+def test_swap_one_kind_for_another(tmp_path: Path) -> None:
+    """swap: W'' = W' − ΔW_LoHa + f(W)…: a LoHa merge swapped for a LoKr equals merging the LoKr alone."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    base, loha, _ = make(a, CASES["loha"])
+    _, lokr, want = make(b, CASES["lokr"])  # same seed: the same base
+    merged, swapped = tmp_path / "m.safetensors", tmp_path / "s.safetensors"
+    loratools.merge(base, [loha], merged)
+    assert loratools.swap(merged, loha, lokr, swapped).verify.ok
+    close(outputs(swapped), want, tol=5e-6)

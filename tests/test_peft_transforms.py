@@ -23,22 +23,24 @@ class Tiny(nn.Module):
         self.proj = nn.Linear(16, 32)
         self.ff = nn.Linear(32, 16)
         self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 16, 1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ff(torch.tanh(self.proj(x))), self.conv(y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.ff(torch.tanh(self.proj(x))), self.conv(y), self.conv1(y)
 
 
 INPUTS = (torch.randn(3, 16, generator=torch.Generator().manual_seed(1)),
           torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(2)))
 CASES = {
-    "ia3": lambda: peft.IA3Config(target_modules=["proj", "ff", "conv"], feedforward_modules=["ff"]),
+    "ia3": lambda: peft.IA3Config(target_modules=["proj", "ff", "conv", "conv1"], feedforward_modules=["ff"]),
     "ia3-conv-feedforward": lambda: peft.IA3Config(target_modules=["proj", "conv"], feedforward_modules=["conv"]),
-    "oft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff", "conv"]),
+    "oft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff", "conv", "conv1"]),
     "oft-exact-cayley": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "conv"],
                                               use_cayley_neumann=False),
     "oft-block-share": lambda: peft.OFTConfig(oft_block_size=8, r=0, target_modules=["proj", "ff"], block_share=True),
     "oft-coft": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["proj", "ff"], coft=True, eps=1e-2),
-    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["proj", "ff", "conv"]),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1,
+                                    target_modules=["proj", "ff", "conv", "conv1"]),
     "boft-three-stages": lambda: peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
                                                 target_modules=["proj", "ff"]),
 }
