@@ -419,3 +419,41 @@ def test_swap_one_kind_for_another(tmp_path: Path) -> None:
     loratools.merge(base, [loha], merged)
     assert loratools.swap(merged, loha, lokr, swapped).verify.ok
     close(outputs(swapped), want, tol=5e-6)
+
+
+def test_comfyui_native_names(tmp_path: Path) -> None:
+    """ComfyUI / BFL names (``diffusion_model.<dotted path>.<role>``): full diffs with diff_b, LoRA
+    pairs with their alpha (applied: alpha / r), LyCORIS kinds — bound by suffix to a checkpoint
+    whose keys carry ``model.diffusion_model.``; float64 and LyCORIS' forward pass as oracles."""
+    base, f, want = make(tmp_path, CASES["loha"])
+    prefixed = tmp_path / "ckpt.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in load_file(str(base)).items()}, str(prefixed))
+    g = torch.Generator().manual_seed(8)
+    comfy = {k.replace("lycoris_", "diffusion_model.", 1): v for k, v in load_file(str(f)).items()
+             if k.startswith("lycoris_conv3.")}  # LoHa on conv3
+    diff, diff_b = torch.randn(32, 16, generator=g) * 0.1, torch.randn(32, generator=g) * 0.1
+    comfy["diffusion_model.proj.diff"], comfy["diffusion_model.proj.diff_b"] = diff, diff_b
+    up, down = torch.randn(16, 2, 1, 1, generator=g), torch.randn(2, 8, 1, 1, generator=g)
+    comfy["diffusion_model.conv1.lora_B.weight"], comfy["diffusion_model.conv1.lora_A.weight"] = up, down
+    comfy["diffusion_model.conv1.alpha"] = torch.tensor(3.0)
+    cf = tmp_path / "comfy.safetensors"
+    save_file(comfy, str(cf))
+    ad = loratools.load_adapter(cf, base=prefixed)
+    assert {t: m.delta.kind for t, m in ad.modules.items()} == {
+        "model.diffusion_model.conv1.weight": "lowrank", "model.diffusion_model.conv3.weight": "loha",
+        "model.diffusion_model.proj.weight": "full"}
+    out = tmp_path / "m.safetensors"
+    loratools.merge(prefixed, [cf], out)
+    merged, original = load_file(str(out)), load_file(str(prefixed))
+    p = "model.diffusion_model."
+    exact = {p + "proj.weight": original[p + "proj.weight"].double() + diff.double(),
+             p + "proj.bias": original[p + "proj.bias"].double() + diff_b.double(),
+             p + "conv1.weight": original[p + "conv1.weight"].double()
+             + 1.5 * (up.double().reshape(16, 2) @ down.double().reshape(2, 8)).reshape(16, 8, 1, 1)}
+    for k, v in exact.items():
+        assert torch.allclose(merged[k].double(), v, rtol=0, atol=4e-7 * float(v.abs().max())), k
+    model = Tiny()
+    model.load_state_dict({k[len(p):]: v for k, v in merged.items()})
+    with torch.no_grad():
+        got = model(*INPUTS)
+    close(got[2:], want[2:])  # conv3: the LoHa, against LyCORIS' forward pass
