@@ -458,15 +458,20 @@ def stack(paths: tuple[Path, ...], method: str, weights: tuple[float, ...], rank
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
               help="Store the written factors in this dtype (default: the inputs' own; extract: fp32).")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="The model the adapter was made for: kohya/LyCORIS names need it to be written elsewhere.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table: the summary line only.")
 def resize(adapter: Path, out: Path, rank: int | None, energy: float | None, to: str, overwrite: bool,
-           as_json: bool, dtype: str | None, quiet: bool) -> None:
-    """Change an adapter's rank by truncated SVD of each module's ΔW (best rank-R, Eckart–Young)."""
+           as_json: bool, dtype: str | None, base: Path | None, quiet: bool) -> None:
+    """Change an adapter's rank by truncated SVD of each module's ΔW (best rank-R, Eckart–Young).
+
+    Any kind of module becomes a plain LoRA of that rank: LoHa, LoKr and full diffs too."""
     from .ops.stack import resize as do_resize
 
     bar, close = _progress(quiet or as_json, "resizing")
     try:
-        result = do_resize(adapter, out, rank=rank, energy=energy, to=to, overwrite=overwrite, dtype=dtype, progress=bar)
+        result = do_resize(adapter, out, rank=rank, energy=energy, to=to, overwrite=overwrite, dtype=dtype, base=base,
+                           progress=bar)
     finally:
         close()
     _report_modules(result, as_json, "resize", quiet)

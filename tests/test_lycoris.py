@@ -400,6 +400,9 @@ def test_stack_and_resize_take_lycoris_deltas_and_refuse_transforms(tmp_path: Pa
     a, b = (loratools.load_adapter(p, base=base).modules["proj.weight"].delta.matrix(dtype=torch.float64)
             for p in (f, plain))
     assert torch.allclose(got, a + b, rtol=0, atol=1e-5 * float((a + b).abs().max()))
+    res = CliRunner().invoke(cli, ["resize", str(f), str(tmp_path / "r"), "--rank", "3", "--base", str(base), "--json"])
+    assert res.exit_code == 0, res.output
+    assert {m.delta.kind for m in loratools.load_adapter(tmp_path / "r").modules.values()} == {"lowrank"}
     d = tmp_path / "oft"
     d.mkdir()
     obase, oft, _ = make(d, CASES["oft"])

@@ -250,9 +250,11 @@ def resize(
     rank: int | None = None,
     energy: float | None = None,
     to: str = "peft",
+    base: str | Path | None = None,
     **options: object,
 ) -> AdapterResult:
-    """Truncate every module to rank ≤ R (or the smallest rank holding ``energy`` of ‖ΔW‖²)."""
+    """Truncate every module to rank ≤ R (or the smallest rank holding ``energy`` of ‖ΔW‖²); any
+    kind (LoHa, LoKr, full) becomes a plain LoRA. ``base`` binds kohya / LyCORIS names."""
     opts = Options.build(**options)  # type: ignore[arg-type]
     spec(to, writing=True)
     if rank is None and energy is None:
@@ -260,8 +262,8 @@ def resize(
     if energy is not None and not 0 < energy <= 1:
         raise InvalidArgumentError("--energy is a fraction in (0, 1].")
     out = Path(out)
-    check_adapter_out(out, [adapter], opts, command="resize")
-    a = prepare_adapter(adapter, opts, open_orientation=True)
+    check_adapter_out(out, [adapter, base], opts, command="resize")
+    a = prepare_adapter(adapter, opts, base=base, open_orientation=True)
     result = AdapterResult(out=out, warnings=list(a.warnings))
     modules = {}
     for n_done, (target, m) in enumerate(sorted(a.modules.items()), start=1):
