@@ -17,6 +17,7 @@ ones, where the norm is taken per input column instead; the axis is decided from
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -152,17 +153,21 @@ def _applicable(roles: dict[str, tuple[str, torch.Tensor]]) -> bool:
     return ("down" in roles and "up" in roles) or lycoris.kind_of(roles) is not None
 
 
-def _magnitude(f: Path, stem: str, d: torch.Tensor, fan_out: int) -> tuple[torch.Tensor, bool]:
-    """DoRA's ``dora_scale``: (out, 1[, 1, 1]) per output, (1, in[, 1, 1]) per input (old LyCORIS)."""
+def _magnitude(f: Path, stem: str, d: torch.Tensor, fan_out: int, fan_in: int = -1) -> tuple[torch.Tensor, bool]:
+    """DoRA's ``dora_scale``: (out, 1[, 1, 1]) per output, (1, in[, 1, 1]) per input (old LyCORIS);
+    a flat vector only where its length tells (``fan_in``: input channels)."""
     shape = tuple(int(s) for s in d.shape)
     if len(shape) >= 2 and shape[0] == fan_out and all(s == 1 for s in shape[1:]):
         return d.reshape(-1), False
     if len(shape) >= 2 and shape[0] == 1 and all(s == 1 for s in shape[2:]):
         return d.reshape(-1), True
-    if len(shape) == 1 and shape[0] == fan_out:
+    if len(shape) == 1 and shape[0] == fan_out and fan_out != fan_in:
         return d, False
-    raise AdapterFormatError(f"{f}: {clip(stem)}.dora_scale has shape {shape}: neither (out, 1) nor (1, in).",
-                             path=f, tensor=stem)
+    if len(shape) == 1 and shape[0] == fan_in and fan_out != fan_in:
+        return d, True
+    raise AdapterFormatError(f"{f}: {clip(stem)}.dora_scale has shape {shape}: neither (out, 1) nor (1, in)"
+                             + (" (a flat vector on a square module does not say which)" if len(shape) == 1 else "")
+                             + ".", path=f, tensor=stem)
 
 
 def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targets: dict[str, str]) -> tuple[
@@ -182,7 +187,8 @@ def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targ
         if delta is None:
             raise AdapterFormatError(f"{f}: {clip(stem)} holds only a bias change (diff_b) and no weight change; "
                                      "loratools does not read those yet.", path=f, tensor=stem)
-        magnitude, per_input = _magnitude(f, stem, roles["dora"][1], delta.out_features) if "dora" in roles \
+        in_ch = delta.in_features // max(1, math.prod(kernel)) if getattr(delta, "additive", True) else -1
+        magnitude, per_input = _magnitude(f, stem, roles["dora"][1], delta.out_features, in_ch) if "dora" in roles \
             else (None, False)
         return target, LoraModule(
             target=target, delta=delta, kind="conv" if kernel else "linear", transposed=False, kernel=kernel,
@@ -201,8 +207,8 @@ def _module(f: Path, stem: str, roles: dict[str, tuple[str, torch.Tensor]], targ
         alpha = float(r)  # kohya: a missing or zero alpha means alpha = rank
     check_scale(f, stem, alpha, what="alpha")
     kernel = tuple(int(s) for s in down.shape[2:])
-    magnitude, per_input = _magnitude(f, stem, roles["dora"][1], int(up.shape[0])) if "dora" in roles \
-        else (None, False)
+    magnitude, per_input = _magnitude(f, stem, roles["dora"][1], int(up.shape[0]), int(down.shape[1])) \
+        if "dora" in roles else (None, False)
     bias = lycoris.bias_change(f, stem, roles)
     if "diff" in roles:
         raise AdapterFormatError(f"{f}: {clip(stem)} holds both lora_down/lora_up and a full diff.", path=f,
