@@ -43,6 +43,12 @@ CASES = {
     "one-layer": dict(r=4, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[0],
                       layers_pattern="layers"),
     "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "embeddings-lm_head": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+}
+MERGED = {
+    "all-linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
 }
 RUN = """
 import json, sys
@@ -117,3 +123,26 @@ def test_llama_cpp_loads_loratools_gguf(gguf_base, tmp_path: Path, name: str) ->
     assert float(np.abs(got - plain).max()) > 1e-3 * scale  # the adapter was applied at all
     if theirs_err <= 1e-3 * scale:  # where llama.cpp's own converter is right, both files are the same model
         assert float(np.abs(got - oracle).max()) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", sorted(MERGED))
+def test_llama_cpp_converts_and_runs_a_merged_model(gguf_base, tmp_path: Path, name: str) -> None:
+    """A merged model goes to GGUF through llama.cpp's own convert_hf_to_gguf.py as it is (nothing of
+    loratools' at its root gets in the way) and llama.cpp's logits are PEFT's un-merged forward pass."""
+    from peft import PeftModel
+
+    base, _ = gguf_base
+    adapter = models.make_peft_adapter(base, tmp_path / "peft", MERGED[name], seed=13)
+    out = tmp_path / "merged"
+    loratools.merge(base, [adapter], out)
+    gguf = tmp_path / "merged.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_hf_to_gguf.py"), str(out), "--outfile", str(gguf),
+                           "--outtype", "f32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pm = PeftModel.from_pretrained(models.load_base(base), str(adapter)).eval()
+    with torch.no_grad():
+        reference = pm(torch.tensor([TOKENS])).logits[0].numpy()
+    got = llama_logits(gguf, None)
+    err = float(np.abs(got - reference).max())
+    print(f"merged {name}: llama.cpp max |Δlogit| vs PEFT {err:.2e}")
+    assert err <= 1e-3 * max(1.0, float(np.abs(reference).max()))

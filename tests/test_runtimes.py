@@ -26,6 +26,7 @@ CASES = {
                      rank_pattern={"layers.1.self_attn.q_proj": 2, "k_proj": 6}, alpha_pattern={"down_proj": 32}),
     "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"]),
     "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "embeddings-lm_head": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
     "first-layer-only": dict(r=4, lora_alpha=8, target_modules=["o_proj", "gate_proj"], layers_to_transform=[0],
                              layers_pattern="layers"),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True),
@@ -57,4 +58,36 @@ def test_mlx_lm_loads_what_loratools_writes(bases, tmp_path: Path, name: str, wi
     assert cfg["model"] is None  # a local path never goes into the file
     got, want = mlx_logits(base, out), peft_logits(base, adapter)
     assert got.shape == want.shape
-    assert float(np.abs(got - want).max()) < 2e-5 * max(1.0, float(np.abs(want).max())), name
+    err = float(np.abs(got - want).max())
+    print(f"MLX-LM adapter {name} (base given: {with_base}): max |Δlogit| vs PEFT {err:.1e}")
+    assert err < 2e-5 * max(1.0, float(np.abs(want).max())), name
+
+
+MERGED = {
+    "all-linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    "embeddings-lm_head": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGED))
+def test_merged_models_load_in_mlx_lm_and_transformers(bases, tmp_path: Path, name: str) -> None:
+    """What `merge` writes is a plain model: MLX-LM's own loader and transformers take the folder as it
+    is — the base's files and nothing else at its root (DoRA's undo data goes to the hidden
+    ``.loratools/`` folder no loader reads) — and the logits are PEFT's un-merged forward pass."""
+    base = bases["llama"]
+    adapter = models.make_peft_adapter(base, tmp_path / "peft", MERGED[name], seed=5)
+    out = tmp_path / "merged"
+    loratools.merge(base, [adapter], out)
+    result_names = sorted(p.name for p in out.iterdir() if p.name != ".loratools")  # undo data: no loader looks there
+    assert result_names == sorted(p.name for p in base.iterdir())
+    want = peft_logits(base, adapter)
+    model, _ = mlx_utils.load_model(out)
+    got = np.array(model(mx.array(TOKENS)).astype(mx.float32))
+    with torch.no_grad():
+        tf = models.load_base(out)(torch.tensor(TOKENS)).logits.numpy()
+    scale = max(1.0, float(np.abs(want).max()))
+    err, tf_err = float(np.abs(got - want).max()), float(np.abs(tf - want).max())
+    print(f"merged {name}: max |Δlogit| vs PEFT: MLX-LM {err:.1e}, transformers {tf_err:.1e}")
+    assert err < 2e-5 * scale and tf_err < 2e-5 * scale
