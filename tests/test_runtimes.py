@@ -91,3 +91,26 @@ def test_merged_models_load_in_mlx_lm_and_transformers(bases, tmp_path: Path, na
     err, tf_err = float(np.abs(got - want).max()), float(np.abs(tf - want).max())
     print(f"merged {name}: max |Δlogit| vs PEFT: MLX-LM {err:.1e}, transformers {tf_err:.1e}")
     assert err < 2e-5 * scale and tf_err < 2e-5 * scale
+
+
+@pytest.mark.parametrize("name", ["embeddings-lm_head", "first-layer-only", "patterns"])
+def test_mlx_lm_fuse_takes_what_loratools_writes(bases, tmp_path: Path, name: str) -> None:
+    """mlx_lm's own ``fuse`` command merges loratools' MLX adapter into the base (it failed on
+    embed_tokens / lm_head keys and on num_layers), and the fused model gives PEFT's logits."""
+    import subprocess
+    import sys
+
+    base = bases["llama"]
+    adapter = models.make_peft_adapter(base, tmp_path / "peft", CASES[name], seed=7)
+    out = tmp_path / "mlx"
+    loratools.convert(adapter, out, to="mlx", base=base)
+    fused = tmp_path / "fused"
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(base), "--adapter-path", str(out),
+                           "--save-path", str(fused)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, _ = mlx_utils.load_model(fused)
+    got = np.array(model(mx.array(TOKENS)).astype(mx.float32))
+    want = peft_logits(base, adapter)
+    err = float(np.abs(got - want).max())
+    print(f"mlx_lm fuse {name}: max |Δlogit| vs PEFT {err:.1e}")
+    assert err < 2e-5 * max(1.0, float(np.abs(want).max()))
