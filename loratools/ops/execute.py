@@ -56,9 +56,13 @@ def _blocks_apply(src: torch.Tensor, t: TensorPlan, edits: list[Edit], *, out_dt
     if src.dim() == 0:
         return apply_edits(src.to(device=c.device, dtype=c.dtype), edits, c).to(out_dtype).cpu()
     result = torch.empty(src.shape, dtype=out_dtype)
+    limit = kernels.finite_limit(out_dtype) if out_dtype.is_floating_point and out_dtype.itemsize == 1 else None
     for i, j in row_blocks(tuple(src.shape), edits):
         W = src[i:j].to(device=c.device, dtype=c.dtype)
-        block = apply_edits(W, [e.slice(i, j) for e in edits], c).to(out_dtype)
+        exact = apply_edits(W, [e.slice(i, j) for e in edits], c)
+        if limit is not None and exact.numel() and not kernels.in_range(exact, limit):  # fp8 would saturate
+            raise _non_finite(operation, t, src[i:j])
+        block = exact.to(out_dtype)
         if block.is_floating_point() and not _finite(block):
             raise _non_finite(operation, t, src[i:j])
         result[i:j] = block.cpu()
@@ -160,8 +164,13 @@ def compute_tensor(plan: Plan, t: TensorPlan, *, compute: Compute,
 
 def _non_finite(operation: str, t: TensorPlan, src_block: torch.Tensor) -> NonFiniteError:
     had = "" if _finite(src_block) else " (the input tensor already held non-finite values)"
+    out = BY_ST[t.out_dtype]
+    what = "NaN or Inf"
+    if out.torch is not None and out.torch.is_floating_point and out.itemsize == 1 and not had:
+        top = torch.finfo(out.torch).max
+        what = f"values beyond ±{top:g}, the largest {out.st} holds (torch would clip them silently)"
     return NonFiniteError(
-        f"{operation} would write NaN or Inf into {t.name} (from {t.source.file.name}){had}.",
+        f"{operation} would write {what} into {t.name} (from {t.source.file.name}){had}.",
         tensor=t.name,
         hint=f"Check the adapter weights (a weight far too large overflows {BY_ST[t.out_dtype].st}); "
         "nothing was written.",

@@ -31,9 +31,18 @@ _MANTISSA = {torch.float16: (10, 15), torch.bfloat16: (7, 127), torch.float32: (
 Term = tuple[torch.Tensor, torch.Tensor, float]  # (L (rows, r), R (r, cols), α)
 
 
+# fp8: the smallest magnitude beyond the largest finite value's rounding interval. e4m3fn has no
+# Inf and its top code is NaN, so its largest value is 448 (not 480); torch's cast *saturates*
+# anything larger to ±448 instead of failing, which would be a silent clip: loratools refuses
+# values from 464 (448 + half its ulp of 32) on, as it refuses overflow to Inf elsewhere.
+_FP8_LIMITS = {torch.float8_e4m3fn: 464.0, torch.float8_e5m2: 61440.0}
+
+
 def finite_limit(dtype: torch.dtype) -> float:
-    """The smallest magnitude that rounds (to nearest even) to ±Inf in ``dtype``: the largest
-    finite value plus half its ulp; ``inf`` for float64."""
+    """The smallest magnitude that rounds (to nearest even) to ±Inf in ``dtype`` (or, for fp8
+    e4m3fn, beyond ±448): the largest finite value plus half its ulp; ``inf`` for float64."""
+    if dtype in _FP8_LIMITS:
+        return _FP8_LIMITS[dtype]
     if dtype not in _MANTISSA:
         return math.inf
     mant, emax = _MANTISSA[dtype]
