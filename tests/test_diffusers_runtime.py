@@ -113,3 +113,37 @@ def test_kohya_file_with_per_module_alphas(parts, tmp_path: Path) -> None:
         assert worst_ours <= 1e-6
         if not per_module:
             assert worst_theirs <= 1e-6  # the comparison itself is sound where diffusers is right
+
+
+def test_flux_transformer_file_loads_with_the_flux_loader(tmp_path: Path) -> None:
+    """A LoRA on a diffusion transformer (a tiny FluxTransformer2DModel) written for diffusers carries
+    `transformer.` keys (it carried `unet.`, which Flux/SD3/Wan pipelines do not load); FluxPipeline's
+    own loader takes it and the transformer's output is PEFT's."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                               axes_dims_rope=(2, 2, 4))
+    t.save_pretrained(tmp_path / "flux")
+    lora = models.make_peft_adapter_on(t, tmp_path / "lora", dict(
+        r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp", "proj_out", "to_out.0", "add_q_proj"]),
+        seed=1)
+    out = tmp_path / "d"
+    loratools.convert(lora, out, to="diffusers", base=tmp_path / "flux")
+    keys = list(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    res = FluxPipeline.lora_state_dict(str(out), return_alphas=True, return_lora_metadata=True)
+    state, alphas, meta = res[0], res[1], res[-1]
+    mine = FluxTransformer2DModel.from_pretrained(tmp_path / "flux").eval()
+    FluxPipeline.load_lora_into_transformer(state, alphas, transformer=mine, metadata=meta)
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, generator=g), encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                  pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    ref = peft.PeftModel.from_pretrained(FluxTransformer2DModel.from_pretrained(tmp_path / "flux"), str(lora)).eval()
+    with torch.no_grad():
+        got, want = mine(**inputs).sample, ref(**inputs).sample
+    err = float((got - want).abs().max())
+    print(f"diffusers Flux transformer (load_lora_into_transformer): max |Δ| vs PEFT {err:.1e}")
+    assert err <= 1e-5 * max(1.0, float(want.abs().max()))

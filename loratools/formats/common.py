@@ -31,12 +31,16 @@ def component_of(target: str) -> tuple[str | None, str]:
 
 def default_component(base_config: dict | None) -> str:
     """The pipeline component a checkpoint without component prefixes is: a CLIP text model is a
-    text encoder; anything else (a UNet, or a model outside a pipeline) goes where the UNet does."""
+    text encoder, a diffusers transformer (its config's ``_class_name``) the transformer; anything
+    else (a UNet, or a model outside a pipeline) goes where the UNet does."""
     cfg = base_config or {}
     archs = cfg.get("architectures")
     archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     if cfg.get("model_type") in ("clip_text_model", "clip") or "CLIPText" in archs:
         return "text_encoder"
+    cls = cfg.get("_class_name")
+    if isinstance(cls, str) and "Transformer" in cls:  # FluxTransformer2DModel, SD3…, WanTransformer3DModel…
+        return "transformer"  # diffusion-transformer pipelines load `transformer.` keys, never `unet.`
     return "unet"
 
 
