@@ -147,3 +147,42 @@ def test_flux_transformer_file_loads_with_the_flux_loader(tmp_path: Path) -> Non
     err = float((got - want).abs().max())
     print(f"diffusers Flux transformer (load_lora_into_transformer): max |Δ| vs PEFT {err:.1e}")
     assert err <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_xlabs_flux_file_merges_into_a_bfl_layout_checkpoint(tmp_path: Path) -> None:
+    """An XLabs file (``double_blocks.N.processor.qkv_lora1.down.weight`` …) merged into a BFL-layout
+    checkpoint (``model.diffusion_model.double_blocks…``) equals W + ΔW where ΔW comes from diffusers'
+    own ``_convert_xlabs_flux_lora_to_diffusers`` (to_q/to_k/to_v rows stacked back into qkv), float64."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    H, r = 16, 4
+    g = torch.Generator().manual_seed(0)
+    p = "model.diffusion_model.double_blocks.0."
+    base = {p + "img_attn.qkv.weight": torch.randn(3 * H, H, generator=g), p + "img_attn.proj.weight": torch.randn(H, H, generator=g),
+            p + "txt_attn.qkv.weight": torch.randn(3 * H, H, generator=g), p + "txt_attn.proj.weight": torch.randn(H, H, generator=g),
+            p + "img_attn.qkv.bias": torch.randn(3 * H, generator=g)}
+    save_file(base, str(tmp_path / "flux1.safetensors"))
+    lora = {}
+    for proc, out in (("qkv", 3 * H), ("proj", H)):
+        for stream in "12":
+            key = f"double_blocks.0.processor.{proc}_lora{stream}"
+            lora[key + ".down.weight"] = torch.randn(r, H, generator=g) * 0.2
+            lora[key + ".up.weight"] = torch.randn(out, r, generator=g) * 0.2
+    save_file(lora, str(tmp_path / "xlabs.safetensors"))
+    theirs = _convert_xlabs_flux_lora_to_diffusers(dict(lora))
+
+    def dw(name: str) -> torch.Tensor:
+        return theirs[f"{name}.lora_B.weight"].double() @ theirs[f"{name}.lora_A.weight"].double()
+
+    t = "transformer.transformer_blocks.0.attn."
+    want = {p + "img_attn.qkv.weight": torch.cat([dw(t + "to_q"), dw(t + "to_k"), dw(t + "to_v")]),
+            p + "img_attn.proj.weight": dw(t + "to_out.0"),
+            p + "txt_attn.qkv.weight": torch.cat([dw(t + "add_q_proj"), dw(t + "add_k_proj"), dw(t + "add_v_proj")]),
+            p + "txt_attn.proj.weight": dw(t + "to_add_out")}
+    out = tmp_path / "m.safetensors"
+    assert loratools.merge(tmp_path / "flux1.safetensors", tmp_path / "xlabs.safetensors", out).verify.ok
+    merged = load_file(str(out))
+    for k, d in want.items():
+        exact = base[k].double() + d
+        assert torch.allclose(merged[k].double(), exact, rtol=0, atol=4e-7 * float(exact.abs().max())), k
+    assert torch.equal(merged[p + "img_attn.qkv.bias"], base[p + "img_attn.qkv.bias"])

@@ -75,6 +75,8 @@ _SPECS = [
     FormatSpec("kohya", "kohya", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "full", "ia3", "oft"}), dora=True,
                                               dora_per_input=True, conv=True, bias=True),
                note="lora_unet_… / lora_te…_ keys"),
+    FormatSpec("xlabs", "xlabs", Capabilities(), writable=False,
+               note="double_blocks.N.processor.{qkv,proj}_lora{1,2} keys (XLabs x-flux)"),
     FormatSpec("comfy", "comfy", Capabilities(deltas=frozenset({"lowrank", "loha", "lokr", "full", "ia3", "oft"}),
                                               dora=True, dora_per_input=True, conv=True, bias=True), writable=False,
                note="diffusion_model. / text_encoders. prefixed keys with their dots (ComfyUI, BFL)"),
