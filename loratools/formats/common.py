@@ -137,13 +137,18 @@ def pattern_config(modules: dict[str, LoraModule]) -> dict:
     Keys of ``modules`` are module names (no ``.weight``); patterns are anchored and escaped, so
     PEFT's first-match rule picks exactly one module each.
     """
-    ranks = {n: m.rank for n, m in modules.items()}
-    alphas = {n: alpha_of(m) for n, m in modules.items()}
+    return rank_alpha_patterns({n: int(m.rank or 0) for n, m in modules.items()},
+                               {n: alpha_of(m) for n, m in modules.items()})
+
+
+def rank_alpha_patterns(ranks: dict[str, int], alphas: dict[str, float], alpha_key: str = "lora_alpha") -> dict:
+    """The most common r and alpha, and anchored, escaped ``rank_pattern`` / ``alpha_pattern``
+    entries for the modules that differ (PEFT's first match picks exactly one each)."""
     common_r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     common_a = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
     return {
         "r": common_r,
-        "lora_alpha": common_a,
+        alpha_key: common_a,
         "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != common_r},
         "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != common_a},
     }

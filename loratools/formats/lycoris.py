@@ -216,29 +216,34 @@ def _alpha_out(d: Hadamard | Kronecker) -> float:
     return float(d.scale) * d.rank
 
 
+def halves(stem: str, d: Hadamard | Kronecker) -> dict[str, torch.Tensor]:
+    """The two halves' tensors under LyCORIS' (and PEFT's) names: ``hada_w{n}_a/_b`` (+ ``hada_t{n}``)
+    for LoHa; ``lokr_w{n}`` when whole, else ``lokr_w{n}_a/_b`` (+ ``lokr_t{n}``) for LoKr."""
+    kind = "hada" if isinstance(d, Hadamard) else "lokr"
+    out: dict[str, torch.Tensor] = {}
+    for n, P in (("1", d.W1), ("2", d.W2)):
+        if P.down is None:
+            out[f"{stem}.{kind}_w{n}"] = P.up
+            continue
+        out[f"{stem}.{kind}_w{n}_a"] = P.up
+        out[f"{stem}.{kind}_w{n}_b"] = P.down
+        if P.core is not None:
+            out[f"{stem}.{kind}_t{n}"] = P.core
+    return out
+
+
 def tensors(stem: str, m: LoraModule) -> dict[str, torch.Tensor]:
     """The keys of one module in LyCORIS' own names and shapes (a kohya → kohya round trip gives
     every tensor back)."""
     d = m.delta
     out: dict[str, torch.Tensor] = {}
     if isinstance(d, Hadamard):
-        for n, P in (("1", d.W1), ("2", d.W2)):
-            out[f"{stem}.hada_w{n}_a"] = P.up
-            out[f"{stem}.hada_w{n}_b"] = P.down
-            if P.core is not None:
-                out[f"{stem}.hada_t{n}"] = P.core
+        out.update(halves(stem, d))
         out[f"{stem}.alpha"] = torch.tensor(_alpha_out(d), dtype=torch.float32)
     elif isinstance(d, Kronecker):
         if d.rank is None and d.scale != 1.0:  # both halves whole: no alpha can carry a scale
             d = replace(d, W1=Product((d.W1.up.double() * d.scale).to(d.W1.up.dtype)), scale=1.0)
-        for n, P in (("1", d.W1), ("2", d.W2)):
-            if P.down is None:
-                out[f"{stem}.lokr_w{n}"] = P.up
-            else:
-                out[f"{stem}.lokr_w{n}_a"] = P.up
-                out[f"{stem}.lokr_w{n}_b"] = P.down
-                if P.core is not None:
-                    out[f"{stem}.lokr_t{n}"] = P.core
+        out.update(halves(stem, d))
         out[f"{stem}.alpha"] = torch.tensor(_alpha_out(d), dtype=torch.float32)
     elif isinstance(d, Scaling):
         if d.with_bias:

@@ -7,7 +7,6 @@ What the config and the header decide (keys, ranks, scales, kinds, refusals) is 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
 from . import peft_loha_lokr, peft_transforms
-from .common import alpha_of, check_factor, lowrank, peft_bias, with_record
+from .common import alpha_of, check_factor, lowrank, peft_bias, rank_alpha_patterns, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
 
@@ -133,16 +132,11 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, record:
         else:
             tensors[PREFIX + target] = t.contiguous()
             saved_modules.add(module)
-    common_r = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
-    common_a = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else 8
     cfg = {
         "peft_type": "LORA",
         "base_model_name_or_path": base_model or adapter.meta.get("base_model"),
-        "r": common_r,
-        "lora_alpha": common_a,
+        **rank_alpha_patterns(ranks, alphas),
         "target_modules": sorted(ranks),
-        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != common_r},
-        "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != common_a},
         "fan_in_fan_out": bool(fan_in_fan_out),
         "use_rslora": False,
         "use_dora": any(m.magnitude is not None for m in adapter.modules.values()),

@@ -17,7 +17,6 @@ name. One adapter holds one kind.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
-from ..deltas import Hadamard, Kronecker, Product
+from ..deltas import Hadamard, Kronecker
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import clip
 from . import lycoris
-from .common import check_factor, check_scale, with_record
+from .common import check_factor, check_scale, rank_alpha_patterns, with_record
 from .patterns import first_match, pattern_keys
 
 PREFIX = "base_model.model."
@@ -198,11 +197,7 @@ def write(adapter: Adapter, out: Path, kind: str, *, base_model: str | None, rec
             settings = {"use_effective_conv2d": tucker} if m.kernel and m.kernel != (1, 1) else {}
             r = int(d.rank or 1)
             alpha = float(d.scale) * r
-            for n, P in (("1", d.W1), ("2", d.W2)):
-                tensors[f"{PREFIX}{name}.hada_w{n}_a"] = P.up
-                tensors[f"{PREFIX}{name}.hada_w{n}_b"] = P.down
-                if P.core is not None:
-                    tensors[f"{PREFIX}{name}.hada_t{n}"] = P.core
+            tensors.update(lycoris.halves(PREFIX + name, d))
         elif isinstance(d, Kronecker):
             layouts = [x for x in options[target] if global_settings is None
                        or all(global_settings.get(k, v) == v for k, v in x[0].items())]
@@ -212,14 +207,7 @@ def write(adapter: Adapter, out: Path, kind: str, *, base_model: str | None, rec
                                 f"({tuple(d.W1.up.shape)}, {tuple(d.W2.up.shape)}…)")
                 continue
             settings, r, alpha = layouts[0]
-            for n, P in (("1", d.W1), ("2", d.W2)):
-                if P.down is None:
-                    tensors[f"{PREFIX}{name}.lokr_w{n}"] = P.up
-                else:
-                    tensors[f"{PREFIX}{name}.lokr_w{n}_a"] = P.up
-                    tensors[f"{PREFIX}{name}.lokr_w{n}_b"] = P.down
-                    if P.core is not None:
-                        tensors[f"{PREFIX}{name}.lokr_t{n}"] = P.core
+            tensors.update(lycoris.halves(PREFIX + name, d))
         else:
             problems.append(f"{target} ({d.kind})")
             continue
@@ -234,16 +222,11 @@ def write(adapter: Adapter, out: Path, kind: str, *, base_model: str | None, rec
             f"PEFT {kind} cannot hold {len(problems)} module(s) as they are: {'; '.join(problems[:6])}"
             f"{' …' if len(problems) > 6 else ''}.",
             hint="convert --to kohya keeps every LyCORIS module as it is.")
-    common_r = max(set(ranks.values()), key=list(ranks.values()).count)
-    common_a = max(set(alphas.values()), key=list(alphas.values()).count)
     cfg = {
         "peft_type": kind,
         "base_model_name_or_path": base_model or adapter.meta.get("base_model"),
-        "r": common_r,
-        "alpha": common_a,
+        **rank_alpha_patterns(ranks, alphas, alpha_key="alpha"),
         "target_modules": sorted(ranks),
-        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != common_r},
-        "alpha_pattern": {f"^{re.escape(n)}": a for n, a in alphas.items() if a != common_a},
         "rank_dropout": 0.0,
         "module_dropout": 0.0,
         "init_weights": True,
