@@ -485,6 +485,9 @@ def bind(
     ShapeMismatchError when factors do not fit, LayoutAmbiguousError when a square module's
     orientation cannot be known. ``base`` (a path) is named in those messages.
     """
+    from .flux import bind_flux
+
+    adapter = bind_flux(adapter, shapes)  # Flux: BFL (fused qkv) ↔ diffusers (split) names, exactly
     in_base = f" of {base}" if base is not None else ""
     missing: list[str] = []
     modules: dict[str, LoraModule] = {}

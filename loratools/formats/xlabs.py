@@ -7,8 +7,8 @@ stream's ``txt_attn.qkv`` / ``txt_attn.proj`` (diffusers' ``_convert_xlabs_flux_
 maps the same keys, splitting each qkv up-matrix by rows into to_q/to_k/to_v). down is (r, in), up
 (out, r); the files carry no alpha and XLabs applies ΔW = up @ down (scale 1). The targets are BFL
 names: such a file binds to a BFL-layout checkpoint (``double_blocks.…``, with or without
-``model.diffusion_model.``); a diffusers-layout Flux folder (``transformer_blocks.…``) needs the
-Flux name maps of issue 16 and is refused as unbound. Single-block processors are refused by name.
+``model.diffusion_model.``) and, through ``loratools/flux.py``, to a diffusers-layout folder.
+Single-block processors are refused by name.
 """
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""Flux LoRAs across Flux's two layouts: BFL's (``double_blocks.N.img_attn.qkv``, fused, what
+flux1-dev.safetensors, ComfyUI and sd-scripts use) and diffusers' (``transformer_blocks.N.attn.to_q``,
+split). A tiny FluxTransformer2DModel is the diffusers base; its BFL twin is built by the inverse of
+diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` table. Oracles: PEFT's
+merge_and_unload, diffusers' own kohya-Flux conversion (``_convert_kohya_flux_lora_to_diffusers``),
+float64 arithmetic; and the two layouts against each other (a fused row block is the same
+arithmetic as its split part: bit for bit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import loratools
+
+from . import models
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+DOUBLE = {"img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+          "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+          "img_attn.proj": ["attn.to_out.0"], "txt_attn.proj": ["attn.to_add_out"],
+          "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"], "txt_mlp.0": ["ff_context.net.0.proj"],
+          "txt_mlp.2": ["ff_context.net.2"], "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"]}
+SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+          "modulation.lin": ["norm.linear"]}
+
+
+def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers Flux tensors → BFL names (weights and biases of the mapped modules, rest dropped)."""
+    out = {}
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
+    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}
+    for kind, table, src, ids in (("double_blocks", DOUBLE, "transformer_blocks", blocks),
+                                  ("single_blocks", SINGLE, "single_transformer_blocks", singles)):
+        for i in ids:
+            for bfl, parts in table.items():
+                for p in ("weight", "bias"):
+                    keys = [f"{src}.{i}.{d}.{p}" for d in parts]
+                    if all(k in sd for k in keys):
+                        out[f"{kind}.{i}.{bfl}.{p}"] = torch.cat([sd[k] for k in keys])
+    w = sd["norm_out.linear.weight"]
+    out["final_layer.adaLN_modulation.1.weight"] = torch.cat(w.chunk(2)[::-1])
+    out["final_layer.linear.weight"] = sd["proj_out.weight"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory) -> dict[str, Path]:
+    from diffusers import FluxTransformer2DModel
+
+    root = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                               axes_dims_rope=(2, 2, 4))
+    t.save_pretrained(root / "diffusers")
+    bfl = root / "flux1.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in to_bfl(t.state_dict()).items()}, str(bfl))
+    return {"diffusers": root / "diffusers", "bfl": bfl}
+
+
+def test_diffusers_lora_merges_into_the_bfl_checkpoint(flux, tmp_path: Path) -> None:
+    """A PEFT / diffusers LoRA on the split projections, merged into the fused BFL file, equals PEFT's
+    merge_and_unload of the diffusers model carried to BFL names."""
+    from diffusers import FluxTransformer2DModel
+
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "to_out.0", "ff.net.0.proj",
+               "norm1.linear", "norm.linear", "norm_out.linear"]
+    lora = models.make_peft_adapter_on(FluxTransformer2DModel.from_pretrained(flux["diffusers"]), tmp_path / "lora",
+                                       dict(r=2, lora_alpha=4, target_modules=targets), seed=3)
+    d = tmp_path / "d"
+    loratools.convert(lora, d, to="diffusers", base=flux["diffusers"])
+    out = tmp_path / "m.safetensors"
+    result = loratools.merge(flux["bfl"], d, out)
+    assert result.verify.ok
+    merged = peft.PeftModel.from_pretrained(FluxTransformer2DModel.from_pretrained(flux["diffusers"]), str(lora))
+    want = to_bfl(merged.merge_and_unload().state_dict())
+    got = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(out)).items()}
+    changed = 0
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+        changed += not torch.equal(got[k], load_file(str(flux["bfl"]))["model.diffusion_model." + k])
+    assert changed >= 8  # qkv ×2, linear1, mods, final layer: the split modules landed in the fused tensors
+
+
+def _kohya_flux(tmp: Path, flux, *, single: bool) -> Path:
+    """A kohya (sd-scripts) Flux file on BFL modules, real alphas, shapes from the BFL twin."""
+    base = load_file(str(flux["bfl"]))
+    g = torch.Generator().manual_seed(5)
+    mods = ["double_blocks_0_img_attn_qkv", "double_blocks_0_txt_attn_qkv", "double_blocks_0_img_attn_proj",
+            "double_blocks_0_img_mlp_0", "double_blocks_0_txt_mod_lin"]
+    if single:
+        mods += ["single_blocks_0_linear1", "single_blocks_0_linear2", "final_layer_adaLN_modulation_1"]
+    sd = {}
+    for i, mname in enumerate(mods):
+        dotted = mname.replace("double_blocks_0_", "double_blocks.0.").replace("single_blocks_0_", "single_blocks.0.")
+        dotted = {"final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}.get(mname, dotted)
+        for a, b in (("img_attn_", "img_attn."), ("txt_attn_", "txt_attn."), ("img_mlp_", "img_mlp."),
+                     ("txt_mod_", "txt_mod."), ("modulation_lin", "modulation.lin")):
+            dotted = dotted.replace(a, b)
+        W = base[f"model.diffusion_model.{dotted}.weight"]
+        r = 2 + i % 2
+        sd[f"lora_unet_{mname}.lora_down.weight"] = torch.randn(r, W.shape[1], generator=g) * 0.3
+        sd[f"lora_unet_{mname}.lora_up.weight"] = torch.randn(W.shape[0], r, generator=g) * 0.3
+        sd[f"lora_unet_{mname}.alpha"] = torch.tensor(float(1 + i))
+    f = tmp / f"kohya-{single}.safetensors"
+    save_file(sd, str(f))
+    return f
+
+
+def test_kohya_flux_file_on_both_layouts(flux, tmp_path: Path) -> None:
+    """sd-scripts' Flux names merge into the BFL file (by name) and into the diffusers folder (fused
+    modules cut by rows): the two results are the same numbers, bit for bit."""
+    f = _kohya_flux(tmp_path, flux, single=True)
+    a, b = tmp_path / "bfl.safetensors", tmp_path / "diffusers"
+    loratools.merge(flux["bfl"], f, a)
+    loratools.merge(flux["diffusers"], f, b)
+    from_bfl = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(a)).items()}
+    from_diffusers = to_bfl({k: v for p in sorted(b.glob("*.safetensors")) for k, v in load_file(str(p)).items()})
+    for k, v in from_diffusers.items():
+        assert torch.equal(v, from_bfl[k]), k
+
+
+def test_kohya_flux_double_blocks_against_diffusers_conversion(flux, tmp_path: Path) -> None:
+    """The same file's double-block modules against diffusers' own kohya-Flux converter (which
+    hard-codes Flux-dev's single-block sizes, so single blocks are left out here): W + ΔW, float64."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    f = _kohya_flux(tmp_path, flux, single=False)
+    out = tmp_path / "m"
+    loratools.merge(flux["diffusers"], f, out)
+    ait = _convert_kohya_flux_lora_to_diffusers(load_file(str(f)))
+    base = FluxTransformer2DModel.from_pretrained(flux["diffusers"]).state_dict()
+    merged = {k: v for p in sorted(out.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    names = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in ait if k.endswith(".lora_A.weight")}
+    assert len(names) >= 9
+    for n in names:
+        dw = ait[f"transformer.{n}.lora_B.weight"].double() @ ait[f"transformer.{n}.lora_A.weight"].double()
+        exact = base[n + ".weight"].double() + dw
+        assert torch.allclose(merged[n + ".weight"].double(), exact, rtol=0, atol=4e-7 * float(exact.abs().max())), n
+
+
+def test_kohya_flux_converted_for_diffusers_loads_in_flux_pipeline(flux, tmp_path: Path) -> None:
+    """`convert --to diffusers --base <diffusers Flux>` of an sd-scripts Flux file: FluxPipeline's own
+    loader takes it, and its fused weights are loratools' merge of the kohya file."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    f = _kohya_flux(tmp_path, flux, single=True)
+    d = tmp_path / "d"
+    loratools.convert(f, d, to="diffusers", base=flux["diffusers"])
+    res = FluxPipeline.lora_state_dict(str(d), return_alphas=True, return_lora_metadata=True)
+    t = FluxTransformer2DModel.from_pretrained(flux["diffusers"])
+    FluxPipeline.load_lora_into_transformer(res[0], res[1], transformer=t, metadata=res[-1])
+    t.fuse_lora()
+    theirs = {k.replace(".base_layer", ""): v for k, v in t.state_dict().items() if "lora_" not in k}
+    out = tmp_path / "m"
+    loratools.merge(flux["diffusers"], f, out)
+    ours = {k: v for p in sorted(out.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    for k, v in ours.items():
+        assert torch.allclose(theirs[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
