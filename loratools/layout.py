@@ -486,8 +486,10 @@ def bind(
     orientation cannot be known. ``base`` (a path) is named in those messages.
     """
     from .flux import bind_flux
+    from .namemaps import rename_for
 
     adapter = bind_flux(adapter, shapes)  # Flux: BFL (fused qkv) ↔ diffusers (split) names, exactly
+    adapter = rename_for(adapter, shapes)  # Wan: original ↔ diffusers names
     in_base = f" of {base}" if base is not None else ""
     missing: list[str] = []
     modules: dict[str, LoraModule] = {}

@@ -26,7 +26,7 @@ from ..checkpoint.safetensors_io import read_header, save_tensors
 from ..errors import AdapterFormatError, AdapterNotFoundError, CorruptFileError, UnsupportedAdapterError
 from ..jsonio import clip, get_field, load_json
 from .common import (check_rank, check_scale, component_of, default_component, load_groups, lowrank, pattern_config,
-                     scalar, with_record)
+                     peft_bias, scalar, with_record)
 from .keys import group_keys, refuse_leftovers
 from .patterns import Pattern, first_match, pattern_keys, time_limit
 
@@ -190,7 +190,7 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
         if m.magnitude is not None:
             tensors[f"{module}.lora_magnitude_vector"] = m.magnitude.contiguous()
         if m.bias is not None:
-            tensors[f"{module}.lora_B.bias"] = m.bias.contiguous()
+            tensors[f"{module}.lora_B.bias"] = peft_bias(m)
         per_component.setdefault(component, {})[rel] = m
     metadata: dict[str, object] = {}
     for component, mods in per_component.items():
