@@ -1,4 +1,5 @@
-"""Flux.1 names: BFL's original layout and diffusers', and LoRA modules carried between them.
+"""Flux.1 and SD3 names: each model's original layout and diffusers', and LoRA modules carried
+between them.
 
 BFL's checkpoints (``flux1-dev.safetensors``, what ComfyUI, Forge and sd-scripts use) fuse q, k
 and v into one ``qkv`` projection per stream and, in single blocks, q, k, v and the MLP input into
@@ -12,17 +13,20 @@ carried to the other exactly (``bind_flux``):
 * ``final_layer.adaLN_modulation.1`` ↔ ``norm_out.linear``: BFL stores (shift, scale), diffusers
   (scale, shift): B's two halves swap.
 
-The name table below is diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``
-(``diffusers/loaders/single_file_utils.py``), row sizes taken from the base's own shapes (never
-3072 hard-coded). kohya's flattened names (``lora_unet_double_blocks_0_img_attn_qkv``) are the BFL
-names with ``.`` → ``_``.
+The name tables below are diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` and
+``convert_sd3_transformer_checkpoint_to_diffusers`` (``diffusers/loaders/single_file_utils.py``),
+row sizes taken from the base's own shapes (never 3072 hard-coded). kohya's flattened names
+(``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_joint_blocks_0_x_block_attn_qkv``) are the
+original names with ``.`` → ``_``. SD3 (MMDiT, and SD3.5's MMDiT-X ``attn2``): ``joint_blocks.N.
+{x,context}_block.attn.qkv`` fused, the last block's ``context_block.adaLN_modulation.1`` and
+``final_layer.adaLN_modulation.1`` with (shift, scale) swapped.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,52 +65,111 @@ GLOBAL = {
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale) ↔ (scale, shift)
 }
-SWAPPED = {"final_layer.adaLN_modulation.1"}
+# SD3 / SD3.5 (MMDiT, MMDiT-X): diffusers' convert_sd3_transformer_checkpoint_to_diffusers
+SD3_JOINT = {
+    "x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "x_block.attn.proj": ["attn.to_out.0"],
+    "context_block.attn.proj": ["attn.to_add_out"],
+    "x_block.attn2.qkv": ["attn2.to_q", "attn2.to_k", "attn2.to_v"],
+    "x_block.attn2.proj": ["attn2.to_out.0"],
+    "x_block.mlp.fc1": ["ff.net.0.proj"],
+    "x_block.mlp.fc2": ["ff.net.2"],
+    "context_block.mlp.fc1": ["ff_context.net.0.proj"],
+    "context_block.mlp.fc2": ["ff_context.net.2"],
+    "x_block.adaLN_modulation.1": ["norm1.linear"],
+    "context_block.adaLN_modulation.1": ["norm1_context.linear"],  # (shift, scale) swapped in the last block only
+}
+SD3_GLOBAL = {
+    "context_embedder": "context_embedder",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
 
-_FLAT = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
+
+@dataclass(frozen=True)
+class Family:
+    """One model's two layouts: its block kinds (original prefix, diffusers prefix, part table),
+    renamed globals, and how to recognise each layout."""
+
+    name: str
+    original: re.Pattern[str]
+    diffusers: re.Pattern[str]
+    blocks: tuple[tuple[str, str, dict[str, list[str]]], ...]
+    globals: dict[str, str]
+
+    def swapped(self, orig: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Modules whose (shift, scale) halves the two layouts store the other way round."""
+        if orig == "final_layer.adaLN_modulation.1":
+            return True
+        m = re.match(r"^joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1$", orig)
+        if m and self.name == "sd3":
+            last = max(int(x.group(1)) for n in shapes if (x := re.search(r"transformer_blocks\.(\d+)\.", n)))
+            return int(m[1]) == last
+        return False
 
 
-def _layout(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+FAMILIES = (
+    Family("flux", re.compile(r"(^|\.)double_blocks\.\d+\.img_attn\.qkv\.weight$"),
+           re.compile(r"(^|\.)single_transformer_blocks\.\d+\.attn\.to_q\.weight$"),
+           (("double_blocks", "transformer_blocks", DOUBLE), ("single_blocks", "single_transformer_blocks", SINGLE)),
+           GLOBAL),
+    Family("sd3", re.compile(r"(^|\.)joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"),
+           re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.add_q_proj\.weight$"),
+           (("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_GLOBAL),
+)
+
+
+def _family(shapes: Mapping[str, tuple[int, ...]]) -> tuple[Family, str] | None:
+    """(family, "bfl" for its original layout or "diffusers") of a base, or None."""
     names = list(shapes)
-    if any(".img_attn.qkv.weight" in n or n.startswith("double_blocks.") for n in names):
-        return "bfl"
-    if any("single_transformer_blocks." in n for n in names) and any("transformer_blocks." in n for n in names):
-        return "diffusers"
+    for fam in FAMILIES:
+        if any(fam.original.search(n) for n in names):
+            return fam, "bfl"
+    flux_split = any(FAMILIES[0].diffusers.search(n) for n in names)
+    sd3_split = any(FAMILIES[1].diffusers.search(n) for n in names) and not flux_split
+    if flux_split:
+        return FAMILIES[0], "diffusers"
+    if sd3_split and any("pos_embed.proj" in n for n in names):
+        return FAMILIES[1], "diffusers"
     return None
 
 
-def _bfl_name(target: str) -> str | None:
-    """The BFL module path a target names (kohya flattened, ComfyUI/BFL dotted), else None."""
+def _bfl_name(fam: Family, target: str) -> str | None:
+    """The original module path a target names (kohya flattened, ComfyUI/BFL dotted), else None."""
     t = target.split(":", 1)[-1].removesuffix(".weight")
     for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "unet."):
         t = t.removeprefix(prefix)
-    m = _FLAT.match(t)
-    if m:  # kohya: double_blocks_0_img_attn_qkv → double_blocks.0.img_attn.qkv
-        table = DOUBLE if m[1] == "double_blocks" else SINGLE
-        rest = next((k for k in table if k.replace(".", "_") == m[3]), None)
-        return f"{m[1]}.{m[2]}.{rest}" if rest else None
-    flat_globals = {k.replace(".", "_"): k for k in GLOBAL}
+    for orig, _, table in fam.blocks:
+        m = re.match(rf"^{orig}_(\d+)_(.+)$", t)  # kohya: double_blocks_0_img_attn_qkv
+        if m:
+            rest = next((k for k in table if k.replace(".", "_") == m[2]), None)
+            return f"{orig}.{m[1]}.{rest}" if rest else None
+        m = re.match(rf"^{orig}\.(\d+)\.(.+)$", t)
+        if m:
+            return t if m[2] in table else None
+    flat_globals = {k.replace(".", "_"): k for k in fam.globals}
     if t in flat_globals:
         return flat_globals[t]
-    m = re.match(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$", t)
-    if m and m[3] in (DOUBLE if m[1] == "double_blocks" else SINGLE):
-        return t
-    return t if t in GLOBAL else None
+    return t if t in fam.globals and fam.globals[t] != t else None
 
 
-def _diffusers_name(target: str) -> tuple[str, str, int] | None:
-    """(BFL module, diffusers module, its index among the BFL module's parts) for a diffusers target."""
+def _diffusers_name(fam: Family, target: str) -> tuple[str, str, int] | None:
+    """(original module, diffusers module, its index among the original's parts) for a diffusers target."""
     t = target.split(":", 1)[-1].removesuffix(".weight").removeprefix("transformer.")
-    m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", t)
-    if m:
-        table = DOUBLE if m[1] == "transformer_blocks" else SINGLE
-        bfl = "double_blocks" if m[1] == "transformer_blocks" else "single_blocks"
-        for key, parts in table.items():
-            if m[3] in parts:
-                return f"{bfl}.{m[2]}.{key}", t, parts.index(m[3])
-        return None
-    for key, name in GLOBAL.items():
-        if t == name:
+    for orig, dif, table in fam.blocks:
+        m = re.match(rf"^{dif}\.(\d+)\.(.+)$", t)
+        if m:
+            for key, parts in table.items():
+                if m[2] in parts:
+                    return f"{orig}.{m[1]}.{key}", t, parts.index(m[2])
+            return None
+    for key, name in fam.globals.items():
+        if t == name and key != name:
             return key, t, 0
     return None
 
@@ -134,26 +197,27 @@ def _swap_halves(m: LoraModule) -> LoraModule:
 def bind_flux(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:
     """``adapter`` with its Flux modules renamed (and cut or stacked) for the layout of ``shapes``;
     unchanged when the base is not Flux or every name is already the base's."""
-    layout = _layout(shapes)
-    if layout is None:
+    found = _family(shapes)
+    if found is None:
         return adapter
+    fam, layout = found
     warnings: list[str] = []
     modules: dict[str, LoraModule] = {}
     moved = False
     groups: dict[str, list[tuple[int, LoraModule]]] = {}
     for key, m in adapter.modules.items():
-        bfl = _bfl_name(m.target)
-        dif = _diffusers_name(m.target)
+        bfl = _bfl_name(fam, m.target)
+        dif = _diffusers_name(fam, m.target)
         if layout == "diffusers" and bfl is not None:
             if not isinstance(m.delta, LowRank) or m.magnitude is not None or m.bias is not None:
                 raise UnsupportedAdapterError(f"{adapter.path}: module {clip(m.target)} ({m.delta.kind}"
                                               f"{', DoRA' if m.magnitude is not None else ''}) cannot be split onto "
                                               "diffusers' separate projections yet.", tensor=m.target)
-            parts = _parts_bfl_to_diffusers(bfl, shapes)
+            parts = _parts_bfl_to_diffusers(fam, bfl, shapes)
             if parts is None:
                 modules[key] = m
                 continue
-            if bfl in SWAPPED:
+            if fam.swapped(bfl, shapes):
                 m = _swap_halves(m)
             rows = sum(hi - lo for _, lo, hi in parts)
             if rows != m.delta.out_features:
@@ -174,7 +238,7 @@ def bind_flux(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> Adapte
             for _, m in members:
                 modules[m.target] = m  # reported as unbound by the binder
             continue
-        modules[name], note = _stack(adapter, bfl, name, members, shapes)
+        modules[name], note = _stack(fam, adapter, bfl, name, members, shapes)
         if note:
             warnings.append(note)
     if not moved:
@@ -183,21 +247,27 @@ def bind_flux(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> Adapte
         others = [k for k, m in modules.items() if ":" in m.target and not m.target.startswith(("unet:", "transformer:"))]
         if others:
             components = sorted({modules[k].target.split(":", 1)[0] for k in others})
-            warnings.append(f"left out {len(others)} module(s) of {', '.join(components)}: this base is one Flux "
-                            "transformer")
+            warnings.append(f"left out {len(others)} module(s) of {', '.join(components)}: this base is one "
+                            f"{fam.name} transformer")
             modules = {k: m for k, m in modules.items() if k not in others}
     meta = {**adapter.meta, "flat_names": False}
     return replace(adapter, modules=modules, meta=meta, warnings=list(adapter.warnings) + warnings)
 
 
-def _parts_bfl_to_diffusers(bfl: str, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, int, int]] | None:
-    """The diffusers tensors a BFL module spans, with its row range in each, from the base's shapes."""
-    m = re.match(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$", bfl)
-    if m:
-        block = ("transformer_blocks." if m[1] == "double_blocks" else "single_transformer_blocks.") + m[2] + "."
-        names = [block + p for p in (DOUBLE if m[1] == "double_blocks" else SINGLE)[m[3]]]
-    else:
-        names = [GLOBAL[bfl]]
+def _table(fam: Family, orig: str) -> tuple[str, list[str]]:
+    """(diffusers block prefix with its number, the parts) of an original module, or ("", [global])."""
+    for o, dif, table in fam.blocks:
+        m = re.match(rf"^{o}\.(\d+)\.(.+)$", orig)
+        if m:
+            return f"{dif}.{m[1]}.", table[m[2]]
+    return "", [fam.globals[orig]]
+
+
+def _parts_bfl_to_diffusers(fam: Family, bfl: str, shapes: Mapping[str, tuple[int, ...]]) -> list[
+        tuple[str, int, int]] | None:
+    """The diffusers tensors an original module spans, with its row range in each, from the base's shapes."""
+    block, parts = _table(fam, bfl)
+    names = [block + p for p in parts]
     found = [_find(n + ".weight", shapes) for n in names]
     if any(f is None for f in found):
         return None
@@ -209,7 +279,7 @@ def _parts_bfl_to_diffusers(bfl: str, shapes: Mapping[str, tuple[int, ...]]) -> 
     return parts  # type: ignore[return-value]
 
 
-def _stack(adapter: Adapter, bfl: str, name: str, members: list[tuple[int, LoraModule]],
+def _stack(fam: Family, adapter: Adapter, bfl: str, name: str, members: list[tuple[int, LoraModule]],
            shapes: Mapping[str, tuple[int, ...]]) -> tuple[LoraModule, str | None]:
     """One module on the fused tensor ``name`` from modules on its parts: A stacked, B block-diagonal."""
     m0 = members[0][1]
@@ -217,9 +287,7 @@ def _stack(adapter: Adapter, bfl: str, name: str, members: list[tuple[int, LoraM
     if bad:
         raise UnsupportedAdapterError(f"{adapter.path}: module {clip(bad[0].target)} ({bad[0].delta.kind}) cannot be "
                                       f"joined into BFL's fused {clip(bfl)} yet.", tensor=bad[0].target)
-    table = DOUBLE if bfl.startswith("double_blocks.") else SINGLE if bfl.startswith("single_blocks.") else None
-    key = bfl.split(".", 2)[2] if table is not None else bfl
-    count = len(table[key]) if table is not None else 1
+    count = len(_table(fam, bfl)[1])
     rows_total = int(shapes[name][0])
     sizes = _part_sizes(count, rows_total, members)
     offsets = [sum(sizes[:k]) for k in range(count)]
@@ -239,7 +307,7 @@ def _stack(adapter: Adapter, bfl: str, name: str, members: list[tuple[int, LoraM
         As.append(d.A.to(dtype))
         Bs.append(B)
     A, B = torch.cat(As, dim=0), torch.cat(Bs, dim=1)
-    if bfl in SWAPPED:
+    if fam.swapped(bfl, shapes):
         half = B.shape[0] // 2
         B = torch.cat([B[half:], B[:half]])
     delta = LowRank(A.contiguous(), B.contiguous(), scale, None)
