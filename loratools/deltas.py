@@ -31,7 +31,7 @@ import torch
 from .errors import InternalError
 
 __all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation", "InputRotation",
-           "InputButterfly"]
+           "InputButterfly", "RowSlice", "RowStack"]
 
 Device = torch.device | str | None
 
@@ -851,3 +851,129 @@ class InputButterfly(Transform):
     def describe(self) -> dict[str, Any]:
         return {"kind": "peft_boft", "rank": None, "block_size": int(self.blocks.shape[-1]),
                 "stages": int(self.blocks.shape[0]), "parameters": self.parameter_count()}
+
+
+# --- pieces of a delta: one model's fused projection carried to its split layout and back ---------
+
+
+@dataclass(frozen=True, eq=False)
+class RowSlice(Delta):
+    """Rows ``start:stop`` of another delta's ΔW — a module on a fused projection (Flux's qkv)
+    applied to one of the split tensors, for kinds that cannot simply cut a factor (LoHa, LoKr,
+    full diffs). Exact: the same elements, computed the same way."""
+
+    inner: Delta
+    start: int
+    stop: int
+
+    kind: ClassVar[str] = "slice"
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def depth(self) -> int:
+        return self.inner.depth
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        return self.inner.rows(self.start + i, self.start + j, dtype=dtype, device=device, weight=weight)
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        return self.inner.take_rows(idx + self.start, dtype=dtype, weight=weight)
+
+    def magnitude(self) -> RowSlice:
+        return replace(self, inner=self.inner.magnitude())
+
+    @property
+    def T(self) -> Delta:
+        raise InternalError("a row slice of a delta is applied to (out, in) storage only")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.tensors()
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RowSlice:
+        return replace(self, inner=self.inner.map(fn))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        f = self.inner.factors()
+        return None if f is None else (f[0][self.start:self.stop], f[1])
+
+    def scaled(self, factor: float) -> RowSlice:
+        return replace(self, inner=self.inner.scaled(factor))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "rows": [self.start, self.stop]}
+
+
+@dataclass(frozen=True, eq=False)
+class RowStack(Delta):
+    """Deltas of split projections stacked by rows into one fused tensor's ΔW (zeros where no part
+    is): ``parts`` are (first row, delta). Exact: each element is its part's own."""
+
+    parts: tuple[tuple[int, Delta], ...]
+    total: int
+
+    kind: ClassVar[str] = "stack"
+
+    @property
+    def out_features(self) -> int:
+        return self.total
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0][1].in_features
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @property
+    def depth(self) -> int:
+        return max(d.depth for _, d in self.parts)
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        out = torch.zeros(j - i, self.in_features, dtype=dtype, device=device)
+        for off, d in self.parts:
+            a, b = max(i, off), min(j, off + d.out_features)
+            if a < b:
+                out[a - i:b - i] = d.rows(a - off, b - off, dtype=dtype, device=device, weight=weight)
+        return out
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        out = torch.zeros(len(idx), self.in_features, dtype=dtype)
+        for off, d in self.parts:
+            mask = (idx >= off) & (idx < off + d.out_features)
+            if bool(mask.any()):
+                out[mask] = d.take_rows(idx[mask] - off, dtype=dtype, weight=weight)
+        return out
+
+    def magnitude(self) -> RowStack:
+        return replace(self, parts=tuple((o, d.magnitude()) for o, d in self.parts))
+
+    @property
+    def T(self) -> Delta:
+        raise InternalError("stacked deltas are applied to (out, in) storage only")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": t for n, (_, d) in enumerate(self.parts) for k, t in d.tensors().items()}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RowStack:
+        return replace(self, parts=tuple((o, d.map(fn)) for o, d in self.parts))
+
+    def scaled(self, factor: float) -> RowStack:
+        return replace(self, parts=tuple((o, d.scaled(factor)) for o, d in self.parts))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "stack", "rank": None, "parts": [d.describe() for _, d in self.parts],
+                "parameters": self.parameter_count()}

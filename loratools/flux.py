@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .adapter import Adapter, LoraModule
-from .deltas import LowRank
+from .deltas import Delta, LowRank, RowSlice, RowStack
 from .errors import UnsupportedAdapterError
 from .jsonio import clip
 
@@ -163,14 +163,18 @@ def _diffusers_name(fam: Family, target: str) -> tuple[str, str, int] | None:
     t = target.split(":", 1)[-1].removesuffix(".weight").removeprefix("transformer.")
     for orig, dif, table in fam.blocks:
         m = re.match(rf"^{dif}\.(\d+)\.(.+)$", t)
-        if m:
-            for key, parts in table.items():
-                if m[2] in parts:
-                    return f"{orig}.{m[1]}.{key}", t, parts.index(m[2])
-            return None
+        flat = re.match(rf"^{dif}_(\d+)_(.+)$", t)  # kohya-flattened diffusers names (OneTrainer, SimpleTuner)
+        for match, same in ((m, lambda a, b: a == b), (flat, lambda a, b: a.replace(".", "_") == b)):
+            if match:
+                for key, parts in table.items():
+                    hit = next((p for p in parts if same(p, match[2])), None)
+                    if hit is not None:
+                        name = f"{dif}.{match[1]}.{hit}"
+                        return f"{orig}.{match[1]}.{key}", name, parts.index(hit)
+                return None
     for key, name in fam.globals.items():
-        if t == name and key != name:
-            return key, t, 0
+        if key != name and t in (name, name.replace(".", "_")):
+            return key, name, 0
     return None
 
 
@@ -182,16 +186,26 @@ def _find(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 
 
 def _rows(m: LoraModule, i: int, j: int, target: str) -> LoraModule:
+    """Rows i:j of a module: a plain LoRA's B cut (A shared), any other kind as a RowSlice; its bias
+    change cut alike."""
     d = m.delta
-    assert isinstance(d, LowRank)
-    return m.with_(target=target, delta=replace(d, B=d.B[i:j].contiguous()), shape=None, transposed=False)
+    delta = replace(d, B=d.B[i:j].contiguous()) if isinstance(d, LowRank) else RowSlice(d, i, j)
+    bias = None if m.bias is None else m.bias[i:j].contiguous()
+    return m.with_(target=target, delta=delta, bias=bias, bias_target=None, shape=None, transposed=False, kernel=(),
+                   kind="linear")
 
 
 def _swap_halves(m: LoraModule) -> LoraModule:
+    """The module with its two halves of rows exchanged ((shift, scale) ↔ (scale, shift))."""
     d = m.delta
-    assert isinstance(d, LowRank)
-    half = d.B.shape[0] // 2
-    return m.with_(delta=replace(d, B=torch.cat([d.B[half:], d.B[:half]]).contiguous()))
+    n = d.out_features
+    half = n // 2
+    if isinstance(d, LowRank):
+        delta: Delta = replace(d, B=torch.cat([d.B[half:], d.B[:half]]).contiguous())
+    else:
+        delta = RowStack(((0, RowSlice(d, half, n)), (n - half, RowSlice(d, 0, half))), n)
+    bias = None if m.bias is None else torch.cat([m.bias[half:], m.bias[:half]]).contiguous()
+    return m.with_(delta=delta, bias=bias)
 
 
 def bind_flux(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:
@@ -209,10 +223,11 @@ def bind_flux(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> Adapte
         bfl = _bfl_name(fam, m.target)
         dif = _diffusers_name(fam, m.target)
         if layout == "diffusers" and bfl is not None:
-            if not isinstance(m.delta, LowRank) or m.magnitude is not None or m.bias is not None:
+            if m.magnitude is not None or not getattr(m.delta, "additive", True):
                 raise UnsupportedAdapterError(f"{adapter.path}: module {clip(m.target)} ({m.delta.kind}"
                                               f"{', DoRA' if m.magnitude is not None else ''}) cannot be split onto "
-                                              "diffusers' separate projections yet.", tensor=m.target)
+                                              "diffusers' separate projections: its change is not row by row.",
+                                              tensor=m.target)
             parts = _parts_bfl_to_diffusers(fam, bfl, shapes)
             if parts is None:
                 modules[key] = m
@@ -283,14 +298,29 @@ def _stack(fam: Family, adapter: Adapter, bfl: str, name: str, members: list[tup
            shapes: Mapping[str, tuple[int, ...]]) -> tuple[LoraModule, str | None]:
     """One module on the fused tensor ``name`` from modules on its parts: A stacked, B block-diagonal."""
     m0 = members[0][1]
-    bad = [m for _, m in members if not isinstance(m.delta, LowRank) or m.magnitude is not None or m.bias is not None]
+    bad = [m for _, m in members if m.magnitude is not None or not getattr(m.delta, "additive", True)]
     if bad:
         raise UnsupportedAdapterError(f"{adapter.path}: module {clip(bad[0].target)} ({bad[0].delta.kind}) cannot be "
-                                      f"joined into BFL's fused {clip(bfl)} yet.", tensor=bad[0].target)
+                                      f"joined into the fused {clip(bfl)}: its change is not row by row.",
+                                      tensor=bad[0].target)
     count = len(_table(fam, bfl)[1])
     rows_total = int(shapes[name][0])
     sizes = _part_sizes(count, rows_total, members)
     offsets = [sum(sizes[:k]) for k in range(count)]
+    bias = None
+    if any(m.bias is not None for _, m in members):  # bias changes, added as they are
+        bias = torch.zeros(rows_total, dtype=torch.float64)
+        for index, m in members:
+            if m.bias is not None:
+                bias[offsets[index]:offsets[index] + sizes[index]] = m.bias.double() * m.bias_factor
+        bias = bias.to(next(m.bias.dtype for _, m in members if m.bias is not None))
+    if not all(isinstance(m.delta, LowRank) for _, m in members):  # LoHa, LoKr, full: stacked as they are
+        parts = tuple((offsets[index], m.delta) for index, m in sorted(members, key=lambda x: x[0]))
+        stacked: Delta = RowStack(parts, rows_total)
+        joined = LoraModule(target=name, delta=stacked, kind="linear", transposed=False, bias=bias,
+                            bias_scale=None if bias is None else 1.0,
+                            source_keys=tuple(k for _, m in members for k in m.source_keys))
+        return (_swap_halves(joined) if fam.swapped(bfl, shapes) else joined), None
     scales = {float(m.delta.scale) for _, m in members}
     scale = float(next(iter(scales)))
     note = None
@@ -311,7 +341,10 @@ def _stack(fam: Family, adapter: Adapter, bfl: str, name: str, members: list[tup
         half = B.shape[0] // 2
         B = torch.cat([B[half:], B[:half]])
     delta = LowRank(A.contiguous(), B.contiguous(), scale, None)
-    joined = LoraModule(target=name, delta=delta, kind="linear", transposed=False,
+    if bias is not None and fam.swapped(bfl, shapes):
+        bias = torch.cat([bias[rows_total // 2:], bias[:rows_total // 2]])
+    joined = LoraModule(target=name, delta=delta, kind="linear", transposed=False, bias=bias,
+                        bias_scale=None if bias is None else 1.0,
                         source_keys=tuple(k for _, m in members for k in m.source_keys))
     return joined, note
 

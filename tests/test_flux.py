@@ -164,3 +164,70 @@ def test_kohya_flux_converted_for_diffusers_loads_in_flux_pipeline(flux, tmp_pat
     ours = {k: v for p in sorted(out.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
     for k, v in ours.items():
         assert torch.allclose(theirs[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
+def test_lycoris_kinds_on_fused_and_split_layouts(flux, tmp_path: Path) -> None:
+    """LyCORIS modules on BFL's fused projections (LoKr on img_attn.qkv, LoHa on txt_attn.qkv, a full
+    diff with diff_b on single_blocks.0.linear1) merged into both layouts: rows of each kind's ΔW land
+    in the split tensors exactly (bit for bit against the fused merge)."""
+    g = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    lora = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": r(4, 4), "lora_unet_double_blocks_0_img_attn_qkv.lokr_w2_a": r(12, 2),
+        "lora_unet_double_blocks_0_img_attn_qkv.lokr_w2_b": r(2, 4), "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(1.0),
+        "lora_unet_double_blocks_0_txt_attn_qkv.hada_w1_a": r(48, 2), "lora_unet_double_blocks_0_txt_attn_qkv.hada_w1_b": r(2, 16),
+        "lora_unet_double_blocks_0_txt_attn_qkv.hada_w2_a": r(48, 2), "lora_unet_double_blocks_0_txt_attn_qkv.hada_w2_b": r(2, 16),
+        "lora_unet_double_blocks_0_txt_attn_qkv.alpha": torch.tensor(4.0),
+        "lora_unet_single_blocks_0_linear1.diff": r(48 + 64, 16), "lora_unet_single_blocks_0_linear1.diff_b": r(48 + 64),
+    }
+    f = tmp_path / "lyco.safetensors"
+    save_file(lora, str(f))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b"
+    loratools.merge(flux["bfl"], f, a)
+    rb = loratools.merge(flux["diffusers"], f, b)
+    assert rb.verify.ok and len(rb.changed) == 3 + 3 + 4 + 4  # q/k/v ×2, linear1's 4 parts and their biases
+    from_bfl = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(a)).items()}
+    from_diffusers = to_bfl({k: v for p in sorted(b.glob("*.safetensors")) for k, v in load_file(str(p)).items()})
+    for k, v in from_diffusers.items():
+        assert torch.equal(v, from_bfl[k]), k
+
+
+def test_peft_loha_on_split_projections_merges_into_the_fused_file(flux, tmp_path: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(flux["diffusers"])
+    pm = peft.get_peft_model(model, peft.LoHaConfig(r=2, alpha=3, target_modules=["to_q", "to_k", "to_v", "proj_mlp"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "hada_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "loha")
+    want = to_bfl(pm.merge_and_unload().state_dict())
+    out = tmp_path / "m.safetensors"
+    assert loratools.merge(flux["bfl"], tmp_path / "loha", out).verify.ok
+    got = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(out)).items()}
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
+def test_onetrainer_names_merge_into_the_fused_file(flux, tmp_path: Path) -> None:
+    """kohya-flattened diffusers names (OneTrainer / SimpleTuner: lora_transformer_transformer_blocks_0_attn_to_q),
+    here written by loratools from a PEFT LoRA on the diffusers model, merged into the BFL file."""
+    from diffusers import FluxTransformer2DModel
+
+    lora = models.make_peft_adapter_on(FluxTransformer2DModel.from_pretrained(flux["diffusers"]), tmp_path / "lora",
+                                       dict(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp",
+                                                                               "norm_out.linear"]), seed=6)
+    k = tmp_path / "k"
+    loratools.convert(lora, k, to="kohya", base=flux["diffusers"])
+    keys = list(load_file(str(k / "pytorch_lora_weights.safetensors")))
+    assert any(x.startswith("lora_transformer_single_transformer_blocks_0_attn_to_q") for x in keys)
+    save_file(load_file(str(k / "pytorch_lora_weights.safetensors")), str(tmp_path / "ot.safetensors"))  # no metadata
+    out = tmp_path / "m.safetensors"
+    assert loratools.merge(flux["bfl"], tmp_path / "ot.safetensors", out).verify.ok
+    merged = peft.PeftModel.from_pretrained(FluxTransformer2DModel.from_pretrained(flux["diffusers"]), str(lora))
+    want = to_bfl(merged.merge_and_unload().state_dict())
+    got = {x.removeprefix("model.diffusion_model."): v for x, v in load_file(str(out)).items()}
+    for name, v in want.items():
+        assert torch.allclose(got[name], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), name
