@@ -231,3 +231,32 @@ def test_onetrainer_names_merge_into_the_fused_file(flux, tmp_path: Path) -> Non
     got = {x.removeprefix("model.diffusion_model."): v for x, v in load_file(str(out)).items()}
     for name, v in want.items():
         assert torch.allclose(got[name], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), name
+
+
+def test_comfyui_bfl_names_on_the_diffusers_layout(flux, tmp_path: Path) -> None:
+    """The same LoRA under ComfyUI / BFL names (diffusion_model.double_blocks.0.img_attn.qkv.lora_A…,
+    .alpha) merged into the diffusers folder equals the sd-scripts-named file's merge, bit for bit."""
+    f = _kohya_flux(tmp_path, flux, single=True)
+    import re as _re
+
+    def comfy(key: str) -> str:
+        stem, _, role = key.partition(".")
+        body = stem.removeprefix("lora_unet_")
+        body = _re.sub(r"^(double_blocks|single_blocks)_(\d+)_", r"\1.\2.", body)
+        for a, b in (("img_attn_", "img_attn."), ("txt_attn_", "txt_attn."), ("img_mlp_", "img_mlp."),
+                     ("txt_mod_", "txt_mod."), ("modulation_lin", "modulation.lin"),
+                     ("final_layer_adaLN_modulation_1", "final_layer.adaLN_modulation.1")):
+            body = body.replace(a, b)
+        role = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(role, role)
+        return f"diffusion_model.{body}.{role}"
+
+    c = tmp_path / "comfy.safetensors"
+    save_file({comfy(k): v for k, v in load_file(str(f)).items()}, str(c))
+    a, b = tmp_path / "a", tmp_path / "b"
+    loratools.merge(flux["diffusers"], f, a)
+    loratools.merge(flux["diffusers"], c, b)
+    A = {k: v for p in sorted(a.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    B = {k: v for p in sorted(b.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    base = {k: v for p in sorted(flux["diffusers"].glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    assert sum(not torch.equal(A[k], base[k]) for k in A) >= 12
+    assert all(torch.equal(A[k], B[k]) for k in A)
