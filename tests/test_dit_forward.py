@@ -140,3 +140,58 @@ def test_wan(tmp_path: Path, musubi: bool) -> None:
                 stem = f"diffusion_model.blocks.{i}.{o}"
                 lora.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up, f"{stem}.alpha": alpha})
     _check(WanPipeline, _wan, _wan_inputs(), lora, tmp_path, "Wan musubi" if musubi else "Wan original")
+
+
+def _fused_by_diffusers(pipeline, model, lora: Path) -> dict[str, torch.Tensor]:
+    """diffusers' own loading of a LoRA file onto ``model``, fused into its weights."""
+    res = pipeline.lora_state_dict(str(lora), return_lora_metadata=True)
+    state, meta = (res[0], res[-1]) if isinstance(res, tuple) else (res, None)
+    takes_alphas = "network_alphas" in inspect.signature(pipeline.load_lora_into_transformer).parameters
+    pipeline.load_lora_into_transformer(*((state, None) if takes_alphas else (state,)), transformer=model, metadata=meta)
+    model.fuse_lora()
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize("family", ["ltx", "qwen"])
+def test_ltx_and_qwen_image_files_bind_through_the_same_names(tmp_path: Path, family: str) -> None:
+    """LTX-Video files in ComfyUI names (diffusion_model.transformer_blocks…) and Qwen-Image files in
+    sd-scripts names (lora_unet_transformer_blocks_0_attn_to_q, real alphas) need no map of their own:
+    merged by loratools they equal what diffusers' loader (its converter) fuses into the model."""
+    from diffusers import LTXPipeline, LTXVideoTransformer3DModel, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    if family == "ltx":
+        make = lambda: LTXVideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,  # noqa: E731
+                                                  num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                                  num_layers=1, caption_channels=16)
+        pipeline, mods = LTXPipeline, ["attn1.to_q", "attn1.to_k", "attn2.to_v", "ff.net.0.proj"]
+    else:
+        make = lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,  # noqa: E731
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                   axes_dims_rope=(2, 2, 4))
+        pipeline, mods = QwenImagePipeline, ["attn.to_q", "attn.add_k_proj", "img_mlp.net.0.proj", "attn.to_out.0"]
+    model = make()
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(7)
+    lora = {}
+    for i, mod in enumerate(mods):
+        W = sd[f"transformer_blocks.0.{mod}.weight"]
+        down, up = _pair(g, W.shape[0], W.shape[1], 2)
+        if family == "ltx":
+            stem = f"diffusion_model.transformer_blocks.0.{mod}"
+            lora.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up})
+        else:
+            stem = f"lora_unet_transformer_blocks_0_{mod.replace('.', '_')}"
+            lora.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                         f"{stem}.alpha": torch.tensor(float(1 + i))})
+    f = tmp_path / f"{family}.safetensors"
+    save_file(lora, str(f))
+    theirs = _fused_by_diffusers(pipeline, type(model).from_pretrained(folder), f)
+    out = tmp_path / "m"
+    result = loratools.merge(folder, f, out)
+    assert len(result.changed) == len(mods)
+    ours = type(model).from_pretrained(out).state_dict()
+    for k, v in ours.items():
+        assert torch.allclose(v, theirs[k], rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
