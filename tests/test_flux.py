@@ -8,6 +8,7 @@ arithmetic as its split part: bit for bit)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,49 @@ def flux(tmp_path_factory) -> dict[str, Path]:
                                axes_dims_rope=(2, 2, 4))
     t.save_pretrained(root / "diffusers")
     bfl = root / "flux1.safetensors"
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in to_bfl(t.state_dict()).items()}, str(bfl))
+    twin = _bfl_twin(t.state_dict())
+    # the twin's fuse is diffusers' own: its BFL → diffusers converter gives the diffusers weights back
+    back = _diffusers_flux_converter(inner_dim=16)({k: v.clone() for k, v in twin.items()})
+    assert set(back) == set(t.state_dict()) and all(torch.equal(back[k], v) for k, v in t.state_dict().items())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in twin.items()}, str(bfl))
     return {"diffusers": root / "diffusers", "bfl": bfl}
+
+
+def _diffusers_flux_converter(inner_dim: int):
+    """diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` with its hard-coded Flux-dev
+    width (3072) set to the tiny model's — its own code otherwise, read from its source."""
+    import inspect
+
+    from diffusers.loaders import single_file_utils
+
+    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in src
+    scope = dict(vars(single_file_utils))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), scope)  # noqa: S102
+    return scope["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def _bfl_twin(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the diffusers model in BFL's layout (the mapped modules by ``to_bfl``, the rest
+    — embedders, norms — renamed as BFL names them)."""
+    twin = to_bfl(sd)
+    for p in ("weight", "bias"):
+        twin[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat(sd[f"norm_out.linear.{p}"].chunk(2)[::-1])
+        twin[f"final_layer.linear.{p}"] = sd[f"proj_out.{p}"]
+        for bfl, d in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                       ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                       ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                       ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+                       ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")):
+            twin[f"{bfl}.{p}"] = sd[f"{d}.{p}"]
+    for k, v in sd.items():
+        for d, b in (("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                     ("attn.norm_added_q", "txt_attn.norm.query_norm"), ("attn.norm_added_k", "txt_attn.norm.key_norm")):
+            m = re.match(rf"^(single_)?transformer_blocks\.(\d+)\.{d}\.weight$", k)
+            if m:
+                twin[f"{'single_blocks' if m[1] else 'double_blocks'}.{m[2]}.{b if not m[1] else b.split('.', 1)[1]}"
+                     f".scale"] = v
+    return twin
 
 
 def test_diffusers_lora_merges_into_the_bfl_checkpoint(flux, tmp_path: Path) -> None:
@@ -237,12 +279,10 @@ def test_comfyui_bfl_names_on_the_diffusers_layout(flux, tmp_path: Path) -> None
     """The same LoRA under ComfyUI / BFL names (diffusion_model.double_blocks.0.img_attn.qkv.lora_A…,
     .alpha) merged into the diffusers folder equals the sd-scripts-named file's merge, bit for bit."""
     f = _kohya_flux(tmp_path, flux, single=True)
-    import re as _re
-
     def comfy(key: str) -> str:
         stem, _, role = key.partition(".")
         body = stem.removeprefix("lora_unet_")
-        body = _re.sub(r"^(double_blocks|single_blocks)_(\d+)_", r"\1.\2.", body)
+        body = re.sub(r"^(double_blocks|single_blocks)_(\d+)_", r"\1.\2.", body)
         for a, b in (("img_attn_", "img_attn."), ("txt_attn_", "txt_attn."), ("img_mlp_", "img_mlp."),
                      ("txt_mod_", "txt_mod."), ("modulation_lin", "modulation.lin"),
                      ("final_layer_adaLN_modulation_1", "final_layer.adaLN_modulation.1")):
