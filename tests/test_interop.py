@@ -146,3 +146,47 @@ def test_llama_cpp_converts_and_runs_a_merged_model(gguf_base, tmp_path: Path, n
     err = float(np.abs(got - reference).max())
     print(f"merged {name}: llama.cpp max |Δlogit| vs PEFT {err:.2e}")
     assert err <= 1e-3 * max(1.0, float(np.abs(reference).max()))
+
+
+ARCHITECTURES = {  # transformers config class, model class, LoRA targets — tiny, no tokenizer needed
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", ["q_proj", "k_proj", "up_proj", "down_proj"], {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], {"pad_token_id": 0}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_gguf_adapters_for_more_architectures_equal_llama_cpp_converter(tmp_path: Path, arch: str) -> None:
+    """For each architecture loratools writes GGUF adapters for beyond llama/mistral/qwen2, the tensor
+    names and every module's effective ΔW (alpha / r · B @ A) equal llama.cpp's convert_lora_to_gguf.py's."""
+    import gguf
+    import transformers
+
+    cfg_name, cls_name, targets, extra = ARCHITECTURES[arch]
+    kv = 2 if arch != "phi3" else 4
+    cfg = getattr(transformers, cfg_name)(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=kv, head_dim=8, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg)
+    model.save_pretrained(tmp_path / "base")
+    adapter = models.make_peft_adapter_on(model, tmp_path / "peft", dict(r=4, lora_alpha=8, target_modules=targets),
+                                          seed=2)
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_lora_to_gguf.py"), str(adapter), "--base",
+                           str(tmp_path / "base"), "--outfile", str(theirs), "--outtype", "f32"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    loratools.convert(adapter, ours, to="gguf", base=tmp_path / "base")
+
+    def deltas(path: Path) -> dict[str, np.ndarray]:
+        r = gguf.GGUFReader(str(path))
+        alpha = float(r.fields["adapter.lora.alpha"].contents())
+        t = {x.name: np.array(x.data).astype(np.float64) for x in r.tensors}
+        return {k[:-7]: alpha / t[k].shape[0] * (t[k[:-1] + "b"] @ t[k]) for k in t if k.endswith(".lora_a")}
+
+    a, b = deltas(theirs), deltas(ours)
+    assert set(a) == set(b) and len(a) == 2 * len(targets)
+    for k in a:
+        assert np.allclose(b[k], a[k], rtol=0, atol=1e-6 * max(1.0, float(np.abs(a[k]).max()))), k

@@ -41,6 +41,11 @@ ARCHS: dict[str, tuple[str, bool]] = {
     "llama": ("llama", True),
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
+    # checked against llama.cpp's convert_lora_to_gguf.py on tiny models (tests/test_interop.py)
+    "qwen3": ("qwen3", False),
+    "gemma2": ("gemma2", False),
+    "gemma3_text": ("gemma3", False),
+    "phi3": ("phi3", False),
 }
 
 
