@@ -190,3 +190,10 @@ def test_gguf_adapters_for_more_architectures_equal_llama_cpp_converter(tmp_path
     assert set(a) == set(b) and len(a) == 2 * len(targets)
     for k in a:
         assert np.allclose(b[k], a[k], rtol=0, atol=1e-6 * max(1.0, float(np.abs(a[k]).max()))), k
+    # and llama.cpp's file reads back (with the base) to the PEFT adapter's ΔW
+    want = loratools.load_adapter(adapter, base=tmp_path / "base")
+    back = loratools.load_adapter(theirs, base=tmp_path / "base")
+    assert set(back.modules) == set(want.modules)
+    for k, m in want.modules.items():
+        x, y = back.modules[k].delta.matrix(dtype=torch.float64), m.delta.matrix(dtype=torch.float64)
+        assert torch.allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(y.abs().max()))), k

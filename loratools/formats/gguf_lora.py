@@ -344,8 +344,11 @@ def _hf_name(gname: str, config: dict) -> str | None:
     total = _config_int(config, "num_hidden_layers")
     candidates = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
     if layer is not None and layer < total:
-        for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                    "mlp.up_proj", "mlp.down_proj"):
+        mods = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+        if config.get("model_type") == "phi3":  # fused in HF; gguf maps gate_up_proj and up_proj both to ffn_up
+            mods = ("self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj", "mlp.down_proj")
+        for mod in mods:
             candidates.append(f"model.layers.{layer}.{mod}.weight")
     for c in candidates:
         if tmap.get_name(c, try_suffixes=(".weight",)) == gname:
