@@ -16,16 +16,18 @@ from ..checkpoint.reader import load_state_dict
 from ..checkpoint.safetensors_io import load_tensors, read_header, save_tensors
 from ..errors import AdapterFormatError
 from ..jsonio import clip
-from . import peft_loha_lokr, peft_transforms
+from . import peft_loha_lokr, peft_params, peft_transforms
 from .common import alpha_of, check_factor, lowrank, peft_bias, rank_alpha_patterns, with_record
 from .peft_layout import CONFIG, NAME, PREFIX, WEIGHTS, find_files, plan_state_dict, read_config, read_settings
 from .peft_layout import detect
 
 __all__ = ["NAME", "detect", "read", "write"]  # detect comes from the torch-free layout module
 
-def read(path: Path, **_: object) -> Adapter:
+def read(path: Path, *, base_config: dict | None = None, **_: object) -> Adapter:
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
+    if cfg.get("target_parameters"):  # LoRA on fused MoE expert parameters
+        return peft_params.read(path, cfg, config_path, weights, base_config)
     if str(cfg.get("peft_type", "")).upper() in peft_transforms.TYPES:  # (IA)³, OFT: functions of W
         return peft_transforms.read(path, cfg, config_path, weights)
     if str(cfg.get("peft_type", "")).upper() in peft_loha_lokr.TYPES:
