@@ -245,6 +245,8 @@ def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path,
             click.echo(f"undo data kept in {where} (no loader reads it, push leaves it out): "
                        f"{result.undo_bytes / 1e6:.2f} MB ({100 * result.undo_bytes / max(1, result.bytes_written):.2f}% "
                        "of the weights), for " + "; ".join(result.undo_reasons) + ".")
+        for note in result.notes:
+            click.echo(note)
         if result.verify is not None:
             click.echo(result.verify.summary())
 
@@ -349,6 +351,9 @@ def _result_json(result: Any) -> dict[str, Any]:
         "warnings": result.warnings,
         "seconds": result.seconds,
         "undo": {"bytes": result.undo_bytes, "reasons": result.undo_reasons} if result.undo_bytes else None,
+        "requantized": {name: {"requant_rel": st.requant_rel, "original_rel": st.original_rel, "delta_rel": st.delta_rel,
+                               "worst_steps": st.worst_steps}
+                        for p in plans.values() if p is not None for name, st in p.quant.stats.items()} or None,
     }
     if result.verify is not None:
         report = result.verify

@@ -427,6 +427,7 @@ def _write_one(plan: Plan, folder: Path, compute: Compute, options: Options, res
     result.undo_bytes += part.undo_bytes
     result.undo_reasons += [r for r in part.undo_reasons if r not in result.undo_reasons]
     result.warnings += part.warnings
+    result.notes += part.notes
     result.seconds += part.seconds
 
 

@@ -251,6 +251,8 @@ def check_sample(plan: Plan, t: TensorPlan, written: TensorInfo, *, k: int = SAM
                  fp64: bool = False) -> TensorCheck:
     """One written tensor at ``k`` seeded rows against the float64 reference; edits that need
     whole columns (a DoRA norm per input) are checked in full instead."""
+    if t.quant is not None:
+        return check_quantized(plan, t, written, plan.quant.scales.get(t.name), k=k, seed=seed, fp64=fp64)
     if not t.source.shape or any(e.whole for e in t.ops):
         return check_changed(plan, t, written, fp64=fp64)
     out_dtype = BY_ST[t.out_dtype].torch
@@ -268,6 +270,65 @@ def check_sample(plan: Plan, t: TensorPlan, written: TensorInfo, *, k: int = SAM
         ref, bound = reference_rows(t.ops, W64, idx)
         tally.add(got_rows, ref, W64, None if fp64 else bound, out_dtype)
     return tally.check(t, numel, sampled=len(idx))
+
+
+def check_quantized(plan: Plan, t: TensorPlan, written: TensorInfo, new_grid: torch.Tensor | None, *,
+                    k: int | None = SAMPLE_ROWS, seed: int = 0, fp64: bool = False) -> TensorCheck:
+    """An FP8 weight with scales (``ops/fp8.py``) at ``k`` seeded rows (every row with k=None): the
+    base dequantized in float64, the reference computed from the adapters' own factors, and the
+    written value — requantized codes times the scales computed with them (whose bytes the
+    fingerprint check reads back), or the dequantized output — within one e4m3 step of its block
+    scale (or one ulp of the output dtype) plus the float32 arithmetic's bound. With every row,
+    each block's scale must be its max |W'| / 448 rounded up; with a sample, no larger value than
+    448 of it may be in the sampled rows."""
+    from .ops import fp8
+
+    bs = t.quant
+    assert bs is not None
+    requant = t.out_dtype in fp8.QUANTIZED
+    rows = t.source.shape[0] if t.source.shape else 1
+    numel = math.prod(t.source.shape)
+    if requant and (new_grid is None or tuple(new_grid.shape) != bs.grid):
+        return TensorCheck(t.name, t.out_dtype, "FAIL", "changed", numel=numel)
+    grid = plan.base.get(bs.scale).reshape(bs.grid)
+    if k is None or bs.per_tensor or any(e.whole for e in t.ops):
+        everything = torch.arange(rows)
+        step = max(1, VERIFY_CHUNK // max(1, numel // max(rows, 1)))
+        chunks = [everything[i:i + step] for i in range(0, rows, step)]
+        full = True
+    else:
+        chunks = [sample_rows(t.name, rows, max(1, k // 8) if bs.lead else k, seed)]
+        full = False
+    tally = _Tally()
+    amax: torch.Tensor | None = None
+    sampled = 0
+    for idx in chunks:
+        codes = read_rows(t.source, idx) if t.source.begin >= 0 else plan.base.get(t.name)[idx]
+        W64 = fp8.dequantize_rows(bs, codes, grid, idx)
+        ref, bound = reference_rows(t.ops, W64, idx)
+        got_rows = read_rows(written, idx)
+        sampled += len(idx)
+        if not requant:
+            tally.add(got_rows, ref, W64, None if fp64 else bound, BY_ST[t.out_dtype].torch)
+            continue
+        s = fp8.expand_rows(bs, new_grid, idx, got_rows.shape[-1]) if not bs.per_tensor else \
+            new_grid.double().reshape(())
+        got = got_rows.double() * s
+        tally.add(got / s, ref / s, W64 / s, None if fp64 else bound.double() / s, torch.float8_e4m3fn)
+        top = (ref / s).abs()
+        if top.numel() and float(top.max()) > fp8.E4M3_MAX * (1 + 2.0**-20):
+            tally.bad += 1  # a scale too small for its block: the value would have saturated
+        if full:
+            part = fp8.block_amax(ref, bs.block) if not bs.per_tensor else ref.abs().max().reshape(1, 1)
+            amax = part if amax is None else torch.cat([amax, part], dim=0 if not bs.lead else 0)
+    if full and requant and amax is not None:
+        want = amax.reshape(bs.grid) / fp8.E4M3_MAX
+        lo = fp8.round_up_scales(want * (1 - 2.0**-20), new_grid.dtype).double()
+        hi = fp8.round_up_scales(want * (1 + 2.0**-20), new_grid.dtype).double()
+        have = new_grid.double()
+        zero = want == 0
+        tally.bad += int((((have < lo) | (have > hi)) & ~zero).sum())
+    return tally.check(t, numel, sampled=0 if full else sampled)
 
 
 def read_rows(info: TensorInfo, idx: torch.Tensor) -> torch.Tensor:
@@ -324,6 +385,8 @@ def check_shard(plan: Plan, shard: ShardPlan, path: Path, ranges: list[Range], *
             checks.append(TensorCheck(t.name, t.out_dtype, "FAIL", "missing"))
         elif t.copy and t.source.begin >= 0:
             checks.append(TensorCheck(t.name, t.out_dtype, "FAIL" if t.name in failed else "ok", "identical"))
+        elif t.scale_of is not None:  # checked with its weight; its bytes by the fingerprint
+            checks.append(TensorCheck(t.name, t.out_dtype, "FAIL" if t.name in failed else "ok", "changed"))
         elif t.ops and plan.exact_undo and plan.undo_in is not None and t.name in plan.undo_in.patches:
             # its sha256 was checked as it was computed; the bytes check says the file holds them
             checks.append(TensorCheck(t.name, t.out_dtype, "FAIL" if t.name in failed else "ok", "restored"))
@@ -362,10 +425,17 @@ class ShardChecker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = False) -> TensorCheck:
-    """One output tensor against what ``plan`` says it must be."""
+def check_tensor(plan: Plan, t: TensorPlan, info: TensorInfo, *, fp64: bool = False,
+                 scales: torch.Tensor | None = None) -> TensorCheck:
+    """One output tensor against what ``plan`` says it must be (``scales``: the requantized scales
+    of an FP8 weight, when not the ones computed for ``plan``)."""
     if tuple(info.shape) != tuple(t.source.shape):
         return TensorCheck(t.name, info.dtype, "FAIL", "shape")
+    if t.quant is not None:
+        grid = plan.quant.scales.get(t.name) if scales is None else scales
+        return check_quantized(plan, t, info, grid, k=None, fp64=fp64)
+    if t.scale_of is not None:
+        return TensorCheck(t.name, t.out_dtype, "ok", "changed")  # checked with its weight
     undo = plan.undo_in
     if t.ops and plan.exact_undo and undo is not None and t.name in undo.patches:
         # restored bit for bit: the original's sha256 recorded at merge time is the reference
@@ -515,11 +585,23 @@ def forward_check(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged
 def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
                   progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
     """Every tensor of ``out`` against what ``plan`` says it must be; missing and extra ones fail."""
+    from .ops.fp8 import BlockScale, find_quantized
+
     ckpt = plan.base
     report = VerifyReport()
     names = plan.tensors()
+    quantized = find_quantized(ckpt)
+    dequantized = {q.scale: w for w, q in quantized.items() if isinstance(q, BlockScale)}
     for i, t in enumerate(names, start=1):
         info = out.tensors.get(t.name)
+        weight = dequantized.get(t.name)
+        if weight is not None and out.tensors.get(weight) is not None and \
+                out.tensors[weight].dtype != ckpt.tensors[weight].dtype:
+            if info is None:
+                continue  # the scales of a weight MERGED holds dequantized (--dtype)
+        q = quantized.get(t.name)
+        if info is not None and isinstance(q, BlockScale) and info.dtype != t.source.dtype:
+            t.quant = q  # MERGED holds this FP8 weight dequantized
         if info is None:
             report.checks.append(TensorCheck(t.name, t.source.dtype, "FAIL", "missing"))
             continue
@@ -528,7 +610,14 @@ def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
         elif info.dtype != t.source.dtype:
             report.checks.append(TensorCheck(t.name, info.dtype, "FAIL", "dtype"))
             continue
-        report.checks.append(check_tensor(plan, t, info))
+        scales = None
+        if t.quant is not None and info.dtype == t.source.dtype:
+            held = out.tensors.get(t.quant.scale)
+            if held is None or tuple(held.shape) != tuple(t.quant.info.shape):
+                report.checks.append(TensorCheck(t.quant.scale, t.quant.info.dtype, "FAIL", "missing"))
+                continue
+            scales = out.get(t.quant.scale).reshape(t.quant.grid)
+        report.checks.append(check_tensor(plan, t, info, scales=scales))
         if progress:
             progress(i, len(names), t.name)
     for name in sorted(set(out.tensors) - set(ckpt.tensors)):

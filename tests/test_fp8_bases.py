@@ -69,16 +69,19 @@ def test_values_beyond_the_fp8_range_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("scale", ["weight_scale_inv", "weight_scale", "scale_weight"])
-@pytest.mark.parametrize("dtype", [None, "bf16"])
-def test_quantized_fp8_with_scales_is_refused_not_merged_into_the_codes(tmp_path: Path, scale: str,
-                                                                         dtype: str | None) -> None:
-    """fp8 codes with a scale tensor (DeepSeek-V3 / Qwen3-FP8 blocks, per-tensor scales, ComfyUI's
-    scaled_fp8): merging ΔW into the codes, or casting them, ignores the scale — refused, nothing written."""
+def test_scaled_e5m2_is_never_merged_into_its_codes(tmp_path: Path, scale: str) -> None:
+    """e5m2 codes with a scale tensor: merging ΔW into the codes would ignore the scale, and e5m2 is
+    not requantized (tests/test_fp8_blocks.py covers e4m3) — refused, nothing written; --dtype bf16
+    dequantizes: code × scale + ΔW, rounded once."""
     b, a, ref = _files(tmp_path, torch.float8_e5m2)
     tensors = dict(ref["base"])
     tensors[f"blocks.0.proj.{scale}"] = torch.tensor([[0.01]])
     save_file(tensors, str(b))
-    args = ["merge", str(b), str(a), str(tmp_path / "m.safetensors")] + (["--dtype", dtype] if dtype else [])
-    res = CliRunner().invoke(cli, args)
+    res = CliRunner().invoke(cli, ["merge", str(b), str(a), str(tmp_path / "m.safetensors")])
     assert res.exit_code == 1 and scale in res.output and "Traceback" not in res.output
     assert not (tmp_path / "m.safetensors").exists()
+    res = CliRunner().invoke(cli, ["merge", str(b), str(a), str(tmp_path / "m.safetensors"), "--dtype", "bf16"])
+    assert res.exit_code == 0, res.output
+    w = load_file(str(tmp_path / "m.safetensors"))["blocks.0.proj.weight"].double()
+    exact = ref["exact"] - ref["base"]["blocks.0.proj.weight"].double() + ref["base"]["blocks.0.proj.weight"].double() * 0.01
+    assert float((w - exact).abs().max()) <= 2.0**-8 * float(exact.abs().max())

@@ -24,8 +24,8 @@ from ..checkpoint.safetensors_io import StreamWriter, read_header
 from ..checkpoint.stream import BUFFER_BYTES, Range
 from ..dtypes import BY_ST
 from ..errors import InternalError, NonFiniteError, VerificationError
-from . import kernels
-from .edits import AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
+from . import fp8, kernels
+from .edits import CHUNK_ELEMENTS, AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
 from .plan import Plan, ShardPlan, TensorPlan, UndoData
 from .undo import (UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_indices, encode_positions, tensor_sha256,
                    undo_dir)
@@ -47,6 +47,7 @@ class Result:
     verify: Any = None  # a verify.VerifyReport when the output was verified
     undo_bytes: int = 0  # size of the undo data kept with the output (.loratools/undo.safetensors)
     undo_reasons: list[str] = field(default_factory=list)  # why it was kept
+    notes: list[str] = field(default_factory=list)  # what the user should know that is not a warning (FP8 requantization)
     plans: dict[str, Plan] | None = None  # a diffusers pipeline: one plan per component
 
 
@@ -182,6 +183,9 @@ def emit_tensor(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Com
     """Compute one planned tensor and write it: through the kernel (``ops/kernels.py``) when its
     edits are plain low-rank deltas or a cast, else whole through :func:`compute_tensor`."""
     out_dtype = BY_ST[t.out_dtype].torch
+    if t.quant is not None or t.scale_of is not None:
+        _emit_quantized(plan, t, writer, compute=compute, warnings=warnings)
+        return
     if t.source.begin >= 0 and out_dtype is not None:
         with plan.base.view(t.name) as src:
             row_bytes = src.numel() // max(src.shape[0], 1) * BY_ST[t.out_dtype].itemsize if src.dim() else 0
@@ -249,6 +253,68 @@ def _emit_blocks(plan: Plan, t: TensorPlan, src: torch.Tensor, terms: list[kerne
         undo_out.sha256[t.name] = hashlib.sha256(src.reshape(-1).view(torch.uint8).numpy()).hexdigest()
     if exact and hasher.hexdigest() != undo_in.sha256.get(t.name):
         raise _not_restored(plan, t)
+
+
+def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: bool = True,
+                      warnings: list[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An FP8 weight with scales (``ops/fp8.py``), band by band: dequantized, edited in the compute
+    dtype, then requantized (FP8 out: returns codes and the new scales in the stored scales' shape)
+    or rounded once to the output dtype (returns the values, no scales). ``codes=False``: only the
+    scales (for a scale tensor written before its weight)."""
+    bs = t.quant
+    assert bs is not None
+    out_dtype = BY_ST[t.out_dtype].torch
+    requant = t.out_dtype in fp8.QUANTIZED
+    grid = plan.base.get(bs.scale).reshape(bs.grid)
+    c = Compute(compute.dtype, compute.device)
+    stats = fp8.QuantStats(t.name)
+    new_grid = torch.empty(grid.shape, dtype=grid.dtype) if requant else None
+    result = torch.empty(t.source.shape, dtype=out_dtype) if codes else None
+    whole = any(e.whole for e in t.ops)
+    with plan.base.view(t.name) as src:
+        for i, j in fp8.bands(bs, tuple(src.shape), whole, CHUNK_ELEMENTS):
+            old = fp8.scale_band(bs, grid, i, j)
+            W = fp8.dequantize_band(bs, src[i:j], old, c.dtype).to(c.device)
+            exact = apply_edits(W, [e.slice(i, j) for e in t.ops], c)
+            if not _finite(exact):
+                raise _non_finite(plan.operation, t, W.cpu())
+            if requant:
+                q, new = fp8.quantize_band(bs, exact, grid.dtype, old.to(exact.device))
+                new_grid[fp8.scale_slice(bs, i, j)] = new.cpu()
+                if codes:
+                    result[i:j] = q.cpu()
+                fp8.tally(stats, bs, W.cpu(), exact.cpu(), q.cpu(), new.cpu(), old)
+            else:
+                block = exact.to(out_dtype)
+                if block.is_floating_point() and not _finite(block):
+                    raise _non_finite(plan.operation, t, src[i:j])
+                result[i:j] = block.cpu()
+        src = None  # noqa: F841
+    if requant:
+        plan.quant.scales[t.name] = new_grid
+        plan.quant.stats[t.name] = stats
+        return result, new_grid.reshape(bs.info.shape)
+    return result, None
+
+
+def _emit_quantized(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Compute,
+                    warnings: list[str] | None) -> None:
+    """Write an FP8 weight with scales, or the scales of one: a scale tensor written before its
+    weight is computed from the same bands (the weight is computed again when its turn comes,
+    with bit-identical results); one written after takes the scales already computed."""
+    if t.scale_of is not None:
+        done = plan.quant.scales.get(t.scale_of)
+        if done is None:
+            weight = next(w for w in plan.tensors() if w.name == t.scale_of)
+            compute_quantized(plan, weight, compute=compute, codes=False)
+            done = plan.quant.scales[t.scale_of]
+        writer.write_tensor(t.name, done.reshape(t.source.shape).contiguous())
+        return
+    before = plan.quant.scales.get(t.name)
+    value, scales = compute_quantized(plan, t, compute=compute, warnings=warnings)
+    if before is not None and scales is not None and not torch.equal(fp8.as_bytes(before), fp8.as_bytes(scales)):
+        raise InternalError(f"{t.name}: its scales came out differently the second time they were computed.")
+    writer.write_tensor(t.name, value)
 
 
 def _not_restored(plan: Plan, t: TensorPlan) -> VerificationError:
@@ -361,9 +427,10 @@ def write_plan(
             (folder / str(plan.index_name)).write_text(json.dumps(index, indent=2) + "\n")
         for extra in plan.base.extra_files:
             if extra.name == "config.json" and plan.output_dtype:
-                write_config_dtype(extra, folder / extra.name, plan.output_dtype)
+                write_config_dtype(extra, folder / extra.name, plan.output_dtype, dequantized=plan.dequantized)
             else:
                 shutil.copy2(extra, folder / extra.name)
+    result.notes += fp8.summarize(list(plan.quant.stats.values()))
     result.seconds = time.perf_counter() - start
     return result, files, ranges
 
@@ -371,14 +438,17 @@ def write_plan(
 TORCH_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
 
-def write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
+def write_config_dtype(src: Path, dst: Path, dtype: str, *, dequantized: bool = False) -> None:
     """Copy config.json with its dtype set to what was written (``torch_dtype``, and ``dtype`` as
-    transformers 5 names it), so that ``dtype="auto"`` loads the output in its own dtype."""
+    transformers 5 names it), so that ``dtype="auto"`` loads the output in its own dtype; without
+    ``quantization_config`` when the FP8 weights were written dequantized."""
     from ..jsonio import dump_json, read_json
 
     cfg = read_json(src, what="the model config")
     name = TORCH_NAMES.get(dtype, dtype)
     cfg["torch_dtype"] = name
+    if dequantized:
+        cfg.pop("quantization_config", None)
     if "dtype" in cfg:
         cfg["dtype"] = name
     dst.write_text(dump_json(cfg, indent=2) + "\n")

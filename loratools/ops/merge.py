@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..checkpoint.reader import Checkpoint
-from ..errors import InvalidArgumentError, ProvenanceError, UnsupportedAdapterError
+from ..errors import InvalidArgumentError, ProvenanceError
 from ..options import Options, check_weights
 from ..pipeline import AdapterGroup, Planner, run_checkpoint
 from .execute import Result
@@ -68,31 +68,16 @@ def check_provenance(record: dict | None, inputs: list[AdapterInput], *, merged:
     return remaining, warnings
 
 
-# tensors that say an fp8 weight's codes are not its values (DeepSeek-V3 / Qwen3-FP8 block scales,
-# per-tensor scales, ComfyUI's scaled_fp8)
-FP8_SCALES = (".weight_scale_inv", ".weight_scale", ".scale_weight")
-
-
-def _refuse_scaled_fp8(plan: Plan, ckpt: Checkpoint) -> None:
-    """A quantized fp8 weight (one with a scale tensor beside it) would be changed as if its codes
-    were its values — silently wrong. Until loratools dequantizes and requantizes such checkpoints,
-    changing (or casting) them is refused, naming the tensors."""
-    names = ckpt.tensors
-    scaled = []
-    for t in plan.tensors():
-        if t.copy or not t.name.endswith(".weight"):
-            continue
-        stem = t.name.removesuffix(".weight")
-        found = [stem + s for s in FP8_SCALES if stem + s in names]
-        if found:
-            scaled.append(f"{t.name} (scaled by {found[0]})")
-    if scaled:
-        raise UnsupportedAdapterError(
-            f"{ckpt.path}: {len(scaled)} weight(s) to change are quantized (fp8 codes with a scale tensor): "
-            f"{', '.join(scaled[:4])}{' …' if len(scaled) > 4 else ''}. Merging into the codes while ignoring the "
-            "scales would write a wrong model.",
-            hint="Dequantizing and requantizing FP8 block-scaled checkpoints is not supported yet (--dtype bf16 "
-            "included); merge into the bf16 release of the model instead.")
+def _refuse_reversible_fp8(plan: Plan, options: Options) -> None:
+    """--reversible stores the values rounding would not give back; requantizing an FP8 weight
+    changes its scales and nearly every code, so what it would store is the weight itself."""
+    requantized = [t.name for t in plan.tensors() if t.quant is not None and t.ops and t.out_dtype == t.source.dtype]
+    if options.reversible and requantized:
+        raise InvalidArgumentError(
+            f"--reversible cannot restore FP8 weights bit for bit: {len(requantized)} weight(s) are requantized "
+            f"(new block scales, nearly every code changes), e.g. {requantized[0]}.",
+            hint="Keep the FP8 base to go back to it; unmerge of an FP8 merge restores it within the "
+                 "requantization error (docs/numerics.md).")
 
 
 def planner(operation: str, options: Options) -> Planner:
@@ -114,7 +99,7 @@ def planner(operation: str, options: Options) -> Planner:
                 a.weight = 1.0
         plan = build_plan(operation, ckpt, inputs, collect_ops(inputs, undo_in), dtype=options.torch_output_dtype,
                           max_shard_size=options.max_shard_size)
-        _refuse_scaled_fp8(plan, ckpt)
+        _refuse_reversible_fp8(plan, options)
         plan.warnings.extend(warnings)
         plan.merged_after = remaining + [a.record() for a in inputs if a.sign > 0]
         plan.undo_in = undo_in

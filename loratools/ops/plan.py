@@ -20,6 +20,7 @@ from ..checkpoint.safetensors_io import TensorInfo
 from ..dtypes import BY_ST, st_name
 from ..errors import InternalError, UnsupportedAdapterError
 from .edits import AddBias, AddDelta, Apply, Dora, DoraUndo, Edit, Replace
+from .fp8 import BlockScale, QuantState, find_quantized, refuse_unless_requantizable
 
 
 @dataclass
@@ -28,11 +29,13 @@ class TensorPlan:
     source: TensorInfo
     out_dtype: str  # safetensors name
     ops: list[Edit] = field(default_factory=list)
+    quant: BlockScale | None = None  # an FP8 weight with scales: dequantized, and requantized when out_dtype is FP8
+    scale_of: str | None = None  # the scales of a requantized FP8 weight: computed with it
 
     @property
     def copy(self) -> bool:
         """Untouched and same dtype: copied byte for byte."""
-        return not self.ops and self.out_dtype == self.source.dtype
+        return not self.ops and self.out_dtype == self.source.dtype and self.quant is None and self.scale_of is None
 
     @property
     def out_nbytes(self) -> int:
@@ -90,6 +93,8 @@ class Plan:
     exact_undo: bool = False  # restore patched tensors bit for bit (all merged adapters taken out)
     base_model: str | None = None  # the base's Hub repo id, when known
     output_dtype: str | None = None  # --dtype (short name): config.json says so too
+    dequantized: bool = False  # FP8 weights with scales written as --dtype: config.json loses quantization_config
+    quant: QuantState = field(default_factory=QuantState)  # FP8 scales computed while writing, and their cost
 
     def tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors]
@@ -232,13 +237,32 @@ def build_plan(
     max_shard_size: int | None = None,
 ) -> Plan:
     tensor_plans: dict[str, TensorPlan] = {}
+    quantized = find_quantized(base)
+    scales = {q.scale: w for w, q in quantized.items() if isinstance(q, BlockScale)}
+    dequantize = dtype is not None and any(isinstance(q, BlockScale) for q in quantized.values())
+    for w, q in quantized.items():
+        if isinstance(q, UnsupportedAdapterError) and (ops.get(w) or dtype is not None):
+            raise q
     for shard in base.shards:
         for name in shard.names:
             info = base.tensors[name]
             out_dtype = info.dtype
+            edits = ops.get(name, [])
+            if name in scales:
+                weight = scales[name]
+                if dtype is None and ops.get(weight):  # written again with the requantized weight
+                    tensor_plans[name] = TensorPlan(name, info, info.dtype, scale_of=weight)
+                elif dtype is None:
+                    tensor_plans[name] = TensorPlan(name, info, info.dtype)
+                continue  # --dtype: dequantized weights need no scales
             if dtype is not None and BY_ST[info.dtype].floating:
                 out_dtype = st_name(dtype)
-            edits = ops.get(name, [])
+            q = quantized.get(name)
+            if isinstance(q, BlockScale) and (edits or dtype is not None):
+                if dtype is None:
+                    refuse_unless_requantizable(q, info.dtype, info.file)
+                tensor_plans[name] = TensorPlan(name, info, out_dtype, edits, quant=q)
+                continue
             if edits and not BY_ST[info.dtype].floating and not all(e.replaces for e in edits):
                 raise UnsupportedAdapterError(
                     f"{name} in {info.file} is stored as {info.dtype}, not as floating point: an adapter cannot be "
@@ -250,14 +274,15 @@ def build_plan(
     if unknown:  # binding resolves names against the same checkpoint
         raise InternalError(f"edits planned for tensors not in the base: {unknown[:5]}")
     if max_shard_size is None:
-        shards = [ShardPlan(s.filename, [tensor_plans[n] for n in s.names]) for s in base.shards]
+        shards = [ShardPlan(s.filename, [tensor_plans[n] for n in s.names if n in tensor_plans])
+                  for s in base.shards]
         sharded = base.index_name is not None
         index_name = base.index_name
         if base.is_pickle():  # pickles are rewritten as safetensors
             shards, sharded, index_name = _reshard(list(tensor_plans.values()), None, base)
     else:
         shards, sharded, index_name = _reshard(list(tensor_plans.values()), max_shard_size, base)
-    return Plan(operation, base, adapters, shards, sharded, index_name)
+    return Plan(operation, base, adapters, shards, sharded, index_name, dequantized=dequantize)
 
 
 def _reshard(tensors: list[TensorPlan], limit: int | None, base: Checkpoint) -> tuple[list[ShardPlan], bool, str | None]:
