@@ -228,6 +228,11 @@ def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path,
         click.echo(json.dumps(_result_json(result), indent=2))
         return
     if dry_run:
+        if result.plan is None and not result.plans:  # a GGUF model: no safetensors plan
+            click.echo(f"{len(result.changed)} tensor(s) change: " + ", ".join(result.changed[:8])
+                       + (" …" if len(result.changed) > 8 else ""))
+            click.echo("dry run: nothing was written.")
+            return
         for component, plan in plans.items():
             for line in describe_plan(plan):
                 click.echo(f"{component}: {line}" if component else line)
@@ -235,7 +240,8 @@ def _run_checkpoint_op(verb: str, fn: Callable[..., Any], *args: Any, out: Path,
         return
     if not quiet:
         gb = result.bytes_written / 1e9
-        n_adapters = len({a.sha256 for p in plans.values() for a in p.adapters})
+        n_adapters = result.adapter_count if result.adapter_count is not None else len(
+            {a.sha256 for p in plans.values() if p is not None for a in p.adapters})
         click.echo(
             f"{verb}: {n_adapters} adapter(s), {len(result.changed)} tensor(s) changed; "
             f"{result.copied} copied unchanged; wrote {gb:.2f} GB to {out} in {result.seconds:.1f} s."
@@ -342,18 +348,19 @@ def _result_json(result: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "out": str(result.out) if result.out else None,
-        "changed": [named(c, t.name) for c, p in plans.items() for t in p.changed()],
-        "unchanged": sum(len(p.tensors()) - len(p.changed()) for p in plans.values()),
-        "files": [named(c, s.filename) for c, p in plans.items() for s in p.shards],
-        "bytes": sum(p.total_bytes() for p in plans.values()),
+        "changed": [named(c, t.name) for c, p in plans.items() if p is not None for t in p.changed()] or result.changed,
+        "unchanged": sum(len(p.tensors()) - len(p.changed()) for p in plans.values() if p is not None) or result.copied,
+        "files": [named(c, s.filename) for c, p in plans.items() if p is not None for s in p.shards],
+        "bytes": sum(p.total_bytes() for p in plans.values() if p is not None) or result.bytes_written,
         "adapters": list({a.sha256: {"path": a.label, "weight": a.weight, "sha256": a.sha256}
-                          for p in plans.values() for a in p.adapters}.values()),
+                          for p in plans.values() if p is not None for a in p.adapters}.values()),
         "warnings": result.warnings,
         "seconds": result.seconds,
         "undo": {"bytes": result.undo_bytes, "reasons": result.undo_reasons} if result.undo_bytes else None,
         "requantized": {name: {"requant_rel": st.requant_rel, "original_rel": st.original_rel, "delta_rel": st.delta_rel,
                                "worst_steps": st.worst_steps}
                         for p in plans.values() if p is not None for name, st in p.quant.stats.items()} or None,
+        "notes": result.notes,
     }
     if result.verify is not None:
         report = result.verify

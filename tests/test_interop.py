@@ -197,3 +197,31 @@ def test_gguf_adapters_for_more_architectures_equal_llama_cpp_converter(tmp_path
     for k, m in want.modules.items():
         x, y = back.modules[k].delta.matrix(dtype=torch.float64), m.delta.matrix(dtype=torch.float64)
         assert torch.allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(y.abs().max()))), k
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_runs_a_gguf_model_merged_by_loratools(gguf_base, tmp_path: Path, outtype: str) -> None:
+    """merge BASE.gguf ADAPTER OUT.gguf on a base converted by llama.cpp's own convert_hf_to_gguf.py
+    (f32, f16, q8_0): llama.cpp loads OUT, and its logits are PEFT's un-merged forward pass — within
+    float32 (f32), f16 rounding, or Q8_0 requantization, which must still land nearer PEFT than the
+    base without the adapter does."""
+    from peft import PeftModel
+
+    base, _ = gguf_base
+    converted = tmp_path / f"base-{outtype}.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_hf_to_gguf.py"), str(base), "--outfile",
+                           str(converted), "--outtype", outtype], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    adapter = models.make_peft_adapter(base, tmp_path / "peft", MERGED["all-linear"], seed=17)
+    merged = tmp_path / "merged.gguf"
+    res = loratools.merge(converted, adapter, merged)
+    assert res.verify.ok
+    pm = PeftModel.from_pretrained(models.load_base(base), str(adapter)).eval()
+    with torch.no_grad():
+        reference = pm(torch.tensor([TOKENS])).logits[0].numpy()
+    got, plain = llama_logits(merged, None), llama_logits(converted, None)
+    scale = max(1.0, float(np.abs(reference).max()))
+    err, without = float(np.abs(got - reference).max()), float(np.abs(plain - reference).max())
+    print(f"GGUF {outtype} merged by loratools: llama.cpp max |Δlogit| vs PEFT {err:.2e} (base alone {without:.2e})")
+    assert err <= {"f32": 1e-3, "f16": 2e-2, "q8_0": 1e-1}[outtype] * scale
+    assert err < 0.5 * without

@@ -48,6 +48,7 @@ class Result:
     undo_bytes: int = 0  # size of the undo data kept with the output (.loratools/undo.safetensors)
     undo_reasons: list[str] = field(default_factory=list)  # why it was kept
     notes: list[str] = field(default_factory=list)  # what the user should know that is not a warning (FP8 requantization)
+    adapter_count: int | None = None  # when there is no plan to count them in (a GGUF model)
     plans: dict[str, Plan] | None = None  # a diffusers pipeline: one plan per component
 
 

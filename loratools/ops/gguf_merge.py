@@ -1,0 +1,417 @@
+"""merge BASE.gguf ADAPTER OUT.gguf: adapters merged into a llama.cpp model file.
+
+What llama.cpp's ``llama-export-lora`` does, exactly and streamed: the base's metadata (every key,
+the tokenizer included) and tensor order are kept; each tensor an adapter changes is read,
+dequantized by the ``gguf`` package where it is quantized, W + Σ wᵢ·ΔWᵢ computed in float32 (ΔW
+from the adapter's own factors, rows permuted where llama.cpp's converter permutes q/k), and
+rounded once to its output type:
+
+* F32 / F16 / BF16 tensors keep their type (one rounding, round to nearest even);
+* quantized tensors are requantized to their own type where the ``gguf`` package can quantize it
+  (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1…), else written as F16 — what export-lora writes for every
+  quantized tensor; ``--dtype fp16|bf16|fp32`` chooses the type of changed tensors instead.
+
+Every other tensor is copied byte for byte. A split base (``-00001-of-0000N.gguf``) is written as
+the same splits. Adapter modules are matched to GGUF tensors through the package's own HF→GGUF
+name tables for the architecture in ``general.architecture``; a module with no tensor in the base
+is refused by name, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..adapter import Adapter, LoraModule
+from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedAdapterError, VerificationError
+from ..jsonio import clip
+from ..options import Options
+from .execute import Result
+
+SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+RECORD_KEY = "loratools.record"
+SAMPLE_ROWS = 32
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix == ".gguf" and p.is_file()
+
+
+def split_files(path: Path) -> list[Path]:
+    """The files of a (possibly split) GGUF model, in order."""
+    m = SPLIT.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    files = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CorruptFileError(f"{path} is split into {count} files, but {', '.join(missing[:3])} "
+                               f"{'is' if len(missing) == 1 else 'are'} missing.", path=path)
+    return files
+
+
+def _readers(files: list[Path]) -> list[Any]:
+    from ..formats.gguf_lora import _gguf
+
+    gguf = _gguf()
+    out = []
+    for f in files:
+        try:
+            out.append(gguf.GGUFReader(str(f)))
+        except Exception as e:  # the package raises ValueError / struct errors for broken files
+            raise CorruptFileError(f"{f} is not a readable GGUF file: {clip(' '.join(str(e).split()), 200)}.",
+                                   path=f) from None
+    return out
+
+
+def _field(reader: Any, key: str) -> Any:
+    f = reader.fields.get(key)
+    return f.contents() if f is not None else None
+
+
+def model_config(reader: Any, path: Path) -> dict:
+    """The HF-style config the name tables need, from the GGUF metadata: model_type, layers, heads."""
+    from ..formats.gguf_lora import ARCHS
+
+    arch = _field(reader, "general.architecture")
+    gtype = _field(reader, "general.type")
+    if gtype == "adapter":
+        raise InvalidArgumentError(f"{path} is a GGUF LoRA adapter, not a model: give it as ADAPTER, the model as BASE.")
+    model_type = next((mt for mt, (a, _) in ARCHS.items() if a == arch), None)
+    if model_type is None:
+        raise UnsupportedAdapterError(
+            f"{path}: GGUF architecture {clip(repr(arch), 60)} is not supported for merging yet (supported: "
+            f"{', '.join(sorted({a for a, _ in ARCHS.values()}))}).", path=path,
+            hint="Each architecture's tensor layout must be checked against llama.cpp's converter first.")
+    cfg: dict[str, Any] = {"model_type": model_type, "_source": str(path)}
+    for key, name in (("block_count", "num_hidden_layers"), ("attention.head_count", "num_attention_heads"),
+                      ("attention.head_count_kv", "num_key_value_heads")):
+        value = _field(reader, f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer head counts: uniform ones only
+            value = value[0] if value and all(v == value[0] for v in value) else None
+        if value is not None:
+            cfg[name] = int(value)
+    if "num_hidden_layers" not in cfg:
+        raise CorruptFileError(f"{path}: {arch}.block_count is missing; the tensor names need it.", path=path)
+    return cfg
+
+
+@dataclass
+class Change:
+    """One GGUF tensor and what is added to it."""
+
+    name: str
+    parts: list[tuple[LoraModule, float]]  # (module, signed weight)
+    perm: torch.Tensor | None  # HF row of each GGUF row (q/k of llama-family models)
+
+
+def plan_changes(adapters: list[tuple[Adapter, float]], config: dict, tensors: dict[str, Any],
+                 path: Path) -> dict[str, Change]:
+    from ..formats.gguf_lora import _check_heads, _heads, _name_map, _permute
+
+    layers = int(config["num_hidden_layers"])
+    tmap, arch, permute = _name_map(config, layers)
+    changes: dict[str, Change] = {}
+    for adapter, weight in adapters:
+        for target, m in sorted(adapter.modules.items()):
+            if m.magnitude is not None or not getattr(m.delta, "additive", True) or m.bias is not None:
+                raise UnsupportedAdapterError(
+                    f"{clip(target)}: {'DoRA' if m.magnitude is not None else 'a bias' if m.bias is not None else m.delta.kind} "
+                    "cannot be merged into a GGUF model (llama.cpp's LoRA has no form for it either).", tensor=target,
+                    hint="Merge into the safetensors model, then convert it with llama.cpp's convert_hf_to_gguf.py.")
+            gname = tmap.get_name(target, try_suffixes=(".weight",)) if target.endswith(".weight") else None
+            if gname is None or gname not in tensors:
+                raise UnsupportedAdapterError(
+                    f"{clip(target)} ({adapter.path.name if adapter.path else 'adapter'}) has no tensor in {path} "
+                    f"({arch}{': it would be ' + gname if gname else ''}).", tensor=target, path=path,
+                    hint="Check that BASE is the model the adapter was made for; nothing was written.")
+            t = tensors[gname]
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # numpy order: (out, in)
+            want = tuple(m.stored_shape)
+            if shape != want:
+                raise UnsupportedAdapterError(f"{clip(target)}: ΔW {list(want)} does not fit {gname} {list(shape)} in "
+                                              f"{path}.", tensor=target, path=path)
+            perm = None
+            heads = _heads(target, config) if permute else None
+            if heads:
+                rows = shape[0]
+                perm = _permute(torch.arange(rows).reshape(rows, 1),
+                                _check_heads(rows, heads, where=path, what=f"the heads of {clip(target)}")).reshape(-1)
+            ch = changes.setdefault(gname, Change(gname, [], perm))
+            ch.parts.append((m, weight))
+    return changes
+
+
+def _quantizable(gguf: Any, qtype: Any) -> bool:
+    """Whether the ``gguf`` package can quantize this type (it dequantizes many more)."""
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.quantize(np.zeros((1, block * 8), dtype=np.float32), qtype)
+    except (NotImplementedError, gguf.quants.QuantError, KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
+FLOATS = ("F32", "F16", "BF16")
+TYPE_OF = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+
+def _encode(gguf: Any, W: torch.Tensor, qtype: Any) -> np.ndarray:
+    """W (float32, rows × cols) stored as ``qtype``: F32/F16/BF16 rounded once (nearest even), a
+    quantized type through the package's own quantizer."""
+    name = qtype.name
+    if name == "F32":
+        return W.numpy()
+    if name == "F16":
+        return W.to(torch.float16).numpy()
+    if name == "BF16":
+        return W.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return gguf.quants.quantize(W.numpy(), qtype)
+
+
+def _rows(gguf: Any, t: Any, i: int, j: int) -> torch.Tensor:
+    """Rows i:j of a GGUF tensor as float32 (dequantized by the package where quantized)."""
+    data = t.data[i:j]
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32))
+
+
+def _delta_rows(ch: Change, i: int, j: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    idx = ch.perm[i:j] if ch.perm is not None else torch.arange(i, j)
+    total = torch.zeros(j - i, cols, dtype=dtype)
+    for m, w in ch.parts:
+        total += m.take(idx, dtype=dtype, weight=w).reshape(j - i, cols)
+    return total
+
+
+def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, options: Options,
+               records: list[dict]) -> Result:
+    """Write OUT (.gguf; the same splits as BASE) with the adapters merged; see the module doc."""
+    from ..formats.gguf_lora import _gguf
+    from ..pipeline import commit
+
+    gguf = _gguf()
+    if out.suffix != ".gguf":
+        raise InvalidArgumentError(f"BASE {base.name} is a GGUF model: OUT must end in .gguf (got {out.name}).")
+    files = split_files(base)
+    readers = _readers(files)
+    config = model_config(readers[0], base)
+    tensors = {t.name: t for r in readers for t in r.tensors}
+    changes = plan_changes(adapters, config, tensors, base)
+    forced = TYPE_OF.get(options.output_dtype or "")
+    if options.output_dtype and forced is None:
+        raise InvalidArgumentError(f"--dtype {options.output_dtype} has no GGUF type: use fp32, fp16 or bf16.")
+    out_types: dict[str, Any] = {}
+    notes: list[str] = []
+    fallback: list[str] = []
+    for name, ch in changes.items():
+        t = tensors[name]
+        qtype = t.tensor_type
+        if forced is not None:
+            out_types[name] = gguf.GGMLQuantizationType[forced]
+        elif qtype.name in FLOATS or _quantizable(gguf, qtype):
+            out_types[name] = qtype
+        else:
+            out_types[name] = gguf.GGMLQuantizationType.F16
+            fallback.append(f"{name} ({qtype.name})")
+    if fallback:
+        notes.append(f"{len(fallback)} changed tensor(s) of a type the gguf package cannot quantize are written as F16 "
+                     f"(as llama.cpp's export-lora does), e.g. {fallback[0]}.")
+    if options.dry_run:
+        return Result(out=None, changed=sorted(changes), warnings=notes)
+    m = SPLIT.match(out.name)
+    if len(files) > 1:
+        stem = m.group("stem") if m else out.name.removesuffix(".gguf")
+        names = [f"{stem}-{i:05d}-of-{len(files):05d}.gguf" for i in range(1, len(files) + 1)]
+    else:
+        names = [out.name]
+    record = json.dumps({"tool": f"loratools {__version__}", "operation": "merge", "adapters": records},
+                        separators=(",", ":"))
+    stats: dict[str, float] = {}
+
+    def write(tmp: Path) -> Result:
+        start = time.perf_counter()
+        result = Result(out=out, warnings=list(notes))
+        written = 0
+        for n, (reader, fname) in enumerate(zip(readers, names)):
+            path = tmp / fname if len(files) > 1 else tmp / out.name
+            _write_file(gguf, reader, path, changes, out_types, record if n == 0 else None, stats, options)
+            written += path.stat().st_size
+        result.bytes_written = written
+        result.changed = sorted(changes)
+        result.copied = len(tensors) - len(changes)
+        result.seconds = time.perf_counter() - start
+        if options.verify != "none":
+            outs = [tmp / f for f in names] if len(files) > 1 else [tmp / out.name]
+            result.verify = _check(gguf, outs, tensors, changes, out_types, full=options.verify == "full")
+            if not result.verify.ok:
+                raise VerificationError("merge: the written GGUF failed verification; nothing was written. "
+                                        + result.verify.summary(),
+                                        hint="This is a bug in loratools or a failing disk; please report it.")
+        return result
+
+    if len(files) > 1:
+        result = _commit_split(out, names, options, write)
+    else:
+        result = commit(out, options, write=write, single_file=True)
+    result.out = out if len(files) == 1 else out.parent / names[0]
+    requant = [n for n, q in out_types.items() if q.name not in FLOATS]
+    if requant:
+        worst = max(stats.get(n, 0.0) for n in requant)
+        result.notes.append(f"requantized {len(requant)} tensor(s) to their own type with the gguf package "
+                            f"({', '.join(sorted({out_types[n].name for n in requant}))}): relative error "
+                            f"(Frobenius) of the written values against the exact W+ΔW at most {worst:.2e}.")
+    return result
+
+
+def _commit_split(out: Path, names: list[str], options: Options, write: Any) -> Result:
+    """A split OUT: all files written in one temporary folder beside them, then moved into place."""
+    from ..pipeline import commit
+
+    folder = out.parent
+    final = [folder / n for n in names]
+    clash = [p for p in final if p.exists()]
+    if clash and not options.overwrite:
+        raise InvalidArgumentError(f"{clash[0]} already exists; nothing was written.", hint="Pass --overwrite to replace it.")
+    staging = folder / (names[0] + ".loratools-split")
+    result = commit(staging, options, write=write)
+    for n in names:
+        (staging / n).replace(folder / n)
+    staging.rmdir()
+    return result
+
+
+def _copy_fields(writer: Any, reader: Any, gguf: Any) -> None:
+    skip = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture"}
+    for name, f in reader.fields.items():
+        if name in skip:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if sub == gguf.GGUFValueType.ARRAY:
+            raise UnsupportedAdapterError(f"metadata {name} is an array of arrays, which the gguf package cannot "
+                                          "write back.")
+        writer.add_key_value(name, f.contents(), vtype, sub_type=sub)
+
+
+def _write_file(gguf: Any, reader: Any, path: Path, changes: dict[str, Change], out_types: dict[str, Any],
+                record: str | None, stats: dict[str, float], options: Options) -> None:
+    arch = _field(reader, "general.architecture") or "llama"
+    writer = gguf.GGUFWriter(str(path), arch)
+    _copy_fields(writer, reader, gguf)
+    if record is not None:
+        writer.add_string(RECORD_KEY, record)
+    encoded: dict[str, tuple[Any, tuple[int, ...], int]] = {}
+    for t in reader.tensors:
+        if t.name in changes:
+            qtype = out_types[t.name]
+            rows, cols = (int(n) for n in reversed(t.shape.tolist()))
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            if cols % block:
+                raise UnsupportedAdapterError(f"{t.name}: {cols} columns do not fill {qtype.name} blocks of {block}.")
+            nbytes = rows * cols // block * size
+            encoded[t.name] = (qtype, (rows, cols), nbytes)
+            writer.add_tensor_info(t.name, (rows, cols), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        else:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, int(t.data.nbytes), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        if t.name not in changes:
+            writer.write_tensor_data(t.data)
+            continue
+        qtype, (rows, cols), nbytes = encoded[t.name]
+        ch = changes[t.name]
+        step = max(1, (1 << 22) // max(cols, 1))
+        parts, err_sq, val_sq = [], 0.0, 0.0
+        for i in range(0, rows, step):
+            j = min(i + step, rows)
+            exact = _rows(gguf, t, i, j) + _delta_rows(ch, i, j, cols, torch.float32)
+            if not bool(torch.isfinite(exact).all()):
+                raise InvalidArgumentError(f"merge would write NaN or Inf into {t.name}; nothing was written.",
+                                           hint="Check the adapter weights.")
+            data = _encode(gguf, exact, qtype)
+            if data.dtype == np.float16 and not np.isfinite(data).all():
+                raise InvalidArgumentError(f"merge: {t.name} overflows F16; nothing was written.",
+                                           hint="Pass --dtype bf16 or fp32.")
+            if qtype.name not in FLOATS:
+                back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).double()
+                err_sq += float((back - exact.double()).square().sum())
+                val_sq += float(exact.double().square().sum())
+            parts.append(data)
+        whole = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        assert whole.nbytes == nbytes
+        writer.write_tensor_data(whole)
+        if val_sq:
+            stats[t.name] = math.sqrt(err_sq / val_sq)
+    writer.close()
+
+
+def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str, Change], out_types: dict[str, Any],
+           *, full: bool) -> Any:
+    """Read OUT back with the package's reader: every untouched tensor byte for byte the base's, and
+    every changed one at seeded rows (all rows with ``full``) against float64 W + Σ wᵢ·ΔWᵢ from the
+    adapters' own factors — within one ulp of its float type plus the float32 bound, or, where
+    requantized, equal to the package's quantizer applied to the float64 reference up to the
+    float32 arithmetic (a code off by one step where W+ΔW lies on a rounding boundary)."""
+    from ..verify import TensorCheck, VerifyReport, sample_rows, ulp
+
+    report = VerifyReport(level="full" if full else "sample", sample_rows=0 if full else SAMPLE_ROWS)
+    got = {t.name: t for r in _readers(outs) for t in r.tensors}
+    for name, t in base.items():
+        o = got.get(name)
+        if o is None:
+            report.checks.append(TensorCheck(name, t.tensor_type.name, "FAIL", "missing"))
+            continue
+        if name not in changes:
+            same = o.tensor_type == t.tensor_type and o.data.shape == t.data.shape and np.array_equal(
+                o.data.reshape(-1).view(np.uint8), t.data.reshape(-1).view(np.uint8))
+            report.checks.append(TensorCheck(name, t.tensor_type.name, "ok" if same else "FAIL", "identical"))
+            report.bytes_checked += int(o.data.nbytes)
+            continue
+        ch = changes[name]
+        rows, cols = (int(n) for n in reversed(t.shape.tolist()))
+        idx = torch.arange(rows) if full else sample_rows(name, rows, SAMPLE_ROWS, 0)
+        W = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data[idx.numpy()], t.tensor_type),
+                                                  dtype=np.float64))
+        dW = torch.zeros(len(idx), cols, dtype=torch.float64)
+        mag = W.abs().clone()
+        depth = 0
+        hf = ch.perm[idx] if ch.perm is not None else idx
+        for m, w in ch.parts:
+            dW += m.take(hf, dtype=torch.float64, weight=w).reshape(len(idx), cols)
+            mag += m.take(hf, dtype=torch.float64, weight=w, magnitude=True).reshape(len(idx), cols)
+            depth += m.delta.depth
+        ref = W + dW
+        arith = mag * (1.01 * (depth + 2 + len(ch.parts)) * 2.0**-24)
+        written = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(o.data[idx.numpy()], o.tensor_type),
+                                                        dtype=np.float64))
+        qtype = out_types[name]
+        err = (written - ref).abs()
+        ulps = 0.0
+        if qtype.name in FLOATS:
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype.name]
+            bound = ulp(ref, dtype) + arith
+            ulps = float((err / ulp(torch.maximum(W.abs(), dW.abs()), dtype)).max()) if err.numel() else 0.0
+        else:
+            # the package's quantizer on the float64 reference, rounded to float32 as the merge's input was
+            again = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(ref.float().numpy(), qtype), qtype))
+            step = (again.double() - ref).abs().amax(dim=1, keepdim=True)
+            bound = 2 * step + arith + 1e-30
+        bad = int((err > bound).sum()) + int((~torch.isfinite(written)).sum())
+        ratio = float((err / bound).max()) if err.numel() else 0.0
+        report.checks.append(TensorCheck(name, qtype.name, "ok" if bad == 0 else "FAIL", "changed", max_ulps=ulps, rel_err=float(
+            err.max() / max(float(ref.abs().max()), 1e-30)), mismatched=bad, numel=rows * cols, bound_ratio=ratio,
+            sampled=0 if full else len(idx)))
+    return report

@@ -1,0 +1,261 @@
+"""merge BASE.gguf ADAPTER OUT.gguf — what llama.cpp's export-lora does, exactly.
+
+Oracles: PEFT's merge_and_unload on the HF model, converted to GGUF the way llama.cpp's
+convert_hf_to_gguf.py does it (names from the gguf package's tables, Llama q/k rows permuted by
+its ``LlamaModel.permute``, written here from its definition), and the gguf package's own reader,
+dequantizers and quantizers. llama.cpp itself loading the result is in tests/test_interop.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import loratools
+from loratools.cli import cli
+from loratools.errors import LoraToolsError, VerificationError
+
+gguf = pytest.importorskip("gguf")
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (rotary halves interleaved per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf(sd: dict[str, torch.Tensor], cfg, path: Path, qtype=None, split_max_tensors: int = 0) -> dict:
+    """An HF llama state dict as a llama.cpp GGUF model (F32 tensors; 2-D weights as ``qtype``)."""
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_context_length(64)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    out = {}
+    for name, t in sd.items():
+        a = t.float().numpy()
+        if name.endswith("q_proj.weight"):
+            a = permute(a, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            a = permute(a, cfg.num_key_value_heads)
+        gname = tmap.get_name(name, try_suffixes=(".weight",))
+        out[gname] = a
+        if qtype is not None and a.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        elif qtype == gguf.GGMLQuantizationType.F16 and a.ndim == 2:
+            w.add_tensor(gname, a.astype(np.float16))
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def read_gguf(*paths: Path) -> dict[str, tuple[np.ndarray, object, np.ndarray]]:
+    out = {}
+    for p in paths:
+        for t in gguf.GGUFReader(str(p)).tensors:
+            out[t.name] = (gguf.quants.dequantize(t.data, t.tensor_type), t.tensor_type, np.array(t.data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("gguf_base")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.3)
+    peft_model.save_pretrained(tmp / "lora")
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return {"tmp": tmp, "cfg": cfg, "base": base, "peft": merged}
+
+
+def test_f32_base_equals_peft_merge_converted(llama: dict) -> None:
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    to_gguf(llama["base"], cfg, tmp / "base.gguf")
+    want = to_gguf(llama["peft"], cfg, tmp / "peft-merged.gguf")
+    res = loratools.merge(tmp / "base.gguf", tmp / "lora", tmp / "out.gguf", verify="full")
+    assert res.verify.ok and len(res.changed) == 14  # 2 layers × 7 linear layers
+    got = read_gguf(tmp / "out.gguf")
+    base = read_gguf(tmp / "base.gguf")
+    for name, a in want.items():
+        g, qtype, raw = got[name]
+        assert qtype == gguf.GGMLQuantizationType.F32
+        np.testing.assert_allclose(g, a, rtol=1e-5, atol=1e-6, err_msg=name)
+        if name in base and not any(name.startswith(f"blk.{i}.") and name.split(".")[2] in (
+                "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down") for i in range(2)):
+            assert np.array_equal(raw, base[name][2]), name  # untouched: byte for byte
+    # the metadata is the base's (tokenizer included), plus loratools' record
+    r = gguf.GGUFReader(str(tmp / "out.gguf"))
+    assert r.fields["llama.block_count"].contents() == 2
+    assert r.fields["tokenizer.ggml.tokens"].contents()[:3] == ["t0", "t1", "t2"]
+    record = json.loads(r.fields["loratools.record"].contents())
+    assert record["adapters"][0]["weight"] == 1.0
+
+
+def test_f16_base_rounded_once(llama: dict) -> None:
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    to_gguf(llama["base"], cfg, tmp / "base16.gguf", qtype=gguf.GGMLQuantizationType.F16)
+    want = to_gguf(llama["peft"], cfg, tmp / "unused.gguf")  # float32 PEFT merge, converted
+    assert loratools.merge(tmp / "base16.gguf", tmp / "lora", tmp / "out16.gguf").verify.ok
+    got = read_gguf(tmp / "out16.gguf")
+    name = "blk.1.attn_q.weight"
+    g, qtype, _ = got[name]
+    assert qtype == gguf.GGMLQuantizationType.F16
+    ref = want[name].astype(np.float64)  # PEFT's float32 merge, from the fp32 base: close to the f16 one
+    base16 = read_gguf(tmp / "base16.gguf")[name][0].astype(np.float64)
+    exact = base16 + (ref - to_gguf_value(llama, name))
+    assert float(np.mean(g.astype(np.float64) == exact.astype(np.float16).astype(np.float64))) > 0.99
+
+
+def to_gguf_value(llama: dict, gname: str) -> np.ndarray:
+    layer, kind = gname.split(".")[1], gname.split(".")[2]
+    hf = {"attn_q": "self_attn.q_proj"}[kind]
+    a = llama["base"][f"model.layers.{layer}.{hf}.weight"].float().numpy()
+    return permute(a, llama["cfg"].num_attention_heads).astype(np.float64)
+
+
+def test_q8_0_base_requantized_by_the_package(llama: dict) -> None:
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    to_gguf(llama["base"], cfg, tmp / "base-q8.gguf", qtype=q8)
+    res = loratools.merge(tmp / "base-q8.gguf", tmp / "lora", tmp / "out-q8.gguf", verify="full")
+    assert res.verify.ok and any("requantized 14 tensor(s)" in n and "Q8_0" in n for n in res.notes)
+    base = read_gguf(tmp / "base-q8.gguf")
+    want = to_gguf(llama["peft"], cfg, tmp / "unused.gguf")
+    got = read_gguf(tmp / "out-q8.gguf")
+    for name in ("blk.0.attn_k.weight", "blk.1.ffn_down.weight"):
+        g, qtype, raw = got[name]
+        assert qtype == q8
+        exact = base[name][0].astype(np.float64) + (want[name].astype(np.float64) - _hf_base(llama, name))
+        again = gguf.quants.quantize(exact.astype(np.float32), q8)  # the package's quantizer on the reference
+        assert float(np.mean(raw == again)) > 0.99
+    # --dtype fp16: changed tensors written F16 instead (what export-lora does), untouched ones kept
+    assert loratools.merge(tmp / "base-q8.gguf", tmp / "lora", tmp / "out-f16.gguf", dtype="fp16").verify.ok
+    got = read_gguf(tmp / "out-f16.gguf")
+    assert got["blk.0.attn_k.weight"][1] == gguf.GGMLQuantizationType.F16
+    assert got["token_embd.weight"][1] == base["token_embd.weight"][1]
+
+
+def _hf_base(llama: dict, gname: str) -> np.ndarray:
+    layer, kind = gname.split(".")[1], gname.split(".")[2]
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "ffn_down": "mlp.down_proj"}[kind]
+    a = llama["base"][f"model.layers.{layer}.{hf}.weight"].float().numpy()
+    if kind == "attn_q":
+        a = permute(a, llama["cfg"].num_attention_heads)
+    if kind == "attn_k":
+        a = permute(a, llama["cfg"].num_key_value_heads)
+    return a.astype(np.float64)
+
+
+def test_split_base_written_as_the_same_splits(llama: dict) -> None:
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    (tmp / "split").mkdir()
+    to_gguf(llama["base"], cfg, tmp / "split" / "base.gguf", split_max_tensors=10)
+    parts = sorted((tmp / "split").glob("base-*-of-*.gguf"))
+    assert len(parts) >= 2
+    (tmp / "split-out").mkdir()
+    res = loratools.merge(parts[0], tmp / "lora", tmp / "split-out" / "merged.gguf")
+    assert res.verify.ok
+    outs = sorted((tmp / "split-out").glob("merged-*-of-*.gguf"))
+    assert [p.name.split("-", 1)[1] for p in outs] == [p.name.split("-", 1)[1] for p in parts]
+    for o, b in zip(outs, parts):  # each split holds the base split's tensors, in order
+        assert [t.name for t in gguf.GGUFReader(str(o)).tensors] == [t.name for t in gguf.GGUFReader(str(b)).tensors]
+        assert gguf.GGUFReader(str(o)).fields["split.count"].contents() == len(parts)
+    to_gguf(llama["base"], cfg, tmp / "whole.gguf")
+    loratools.merge(tmp / "whole.gguf", tmp / "lora", tmp / "whole-out.gguf")
+    single, split = read_gguf(tmp / "whole-out.gguf"), read_gguf(*outs)
+    assert single.keys() == split.keys()
+    for k in single:
+        assert np.array_equal(single[k][2], split[k][2]), k
+
+
+def test_modules_the_base_lacks_are_refused_by_name(llama: dict, tmp_path: Path) -> None:
+    """lm_head LoRA against a GGUF without output.weight: refused, nothing written (never dropped)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    sd = {k: v for k, v in llama["base"].items() if k != "lm_head.weight"}
+    to_gguf(sd, cfg, tmp_path / "tied.gguf")
+    model = LlamaForCausalLM(cfg)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "lm")
+    res = CliRunner().invoke(cli, ["merge", str(tmp_path / "tied.gguf"), str(tmp_path / "lm"), str(tmp_path / "o.gguf")])
+    assert res.exit_code == 1 and "lm_head.weight" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o.gguf").exists()
+    res = CliRunner().invoke(cli, ["merge", str(tmp / "base.gguf"), str(tmp / "lora"), str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 1 and ".gguf" in res.output
+
+
+def test_a_wrong_delta_is_caught(llama: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loratools.ops import gguf_merge
+
+    tmp = llama["tmp"]
+    real = gguf_merge._delta_rows
+    monkeypatch.setattr(gguf_merge, "_delta_rows", lambda ch, i, j, cols, dtype: real(ch, i, j, cols, dtype) * 1.01)
+    with pytest.raises(VerificationError):
+        loratools.merge(tmp / "base.gguf", tmp / "lora", tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+    with pytest.raises(LoraToolsError, match="GGUF"):
+        loratools.merge(tmp / "base.gguf", tmp / "lora", tmp_path / "r.gguf", reversible=True)
+
+
+def test_a_type_the_package_cannot_quantize_is_written_f16(tmp_path: Path) -> None:
+    """Q4_K (the package dequantizes it but cannot quantize it): the changed tensor becomes F16,
+    as export-lora writes it, with a note; its value is dequant(Q4_K) + ΔW rounded once."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=32)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path / "q4k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(256, 256 // 256 * 144), dtype=np.uint8)
+    raw[:, 0:4] = np.array([0.001, 0.0005], dtype=np.float16).view(np.uint8)  # d and dmin of each block
+    w.add_tensor("blk.0.attn_v.weight", raw, raw_dtype=q4k)
+    w.add_tensor("output_norm.weight", np.ones(256, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    sd = {n: p.detach() for n, p in peft_model.named_parameters() if "lora_" in n}
+    A = next(v for k, v in sd.items() if "lora_A" in k).double()
+    B = next(v for k, v in sd.items() if "lora_B" in k).double()
+    res = loratools.merge(path, tmp_path / "lora", tmp_path / "out.gguf", verify="full")
+    assert res.verify.ok and any("F16" in n and "Q4_K" in n for n in res.warnings + res.notes)
+    t = next(t for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors if t.name == "blk.0.attn_v.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.F16
+    exact = gguf.quants.dequantize(raw, q4k).astype(np.float64) + 2.0 * (B @ A).numpy()
+    assert float(np.mean(np.array(t.data, dtype=np.float64) == exact.astype(np.float16).astype(np.float64))) > 0.99
