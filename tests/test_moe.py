@@ -44,3 +44,75 @@ def test_expert_lora_merges_like_peft(tmp_path: Path, targets: list[str]) -> Non
     assert sum(not torch.equal(theirs[k], base[k]) for k in base) == experts
     for k, v in theirs.items():
         assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
+def test_mixtral_expert_lora_merges_like_peft_into_its_legacy_names(tmp_path: Path) -> None:
+    """Mixtral: fused in memory in transformers 5, ``block_sparse_moe.experts.N.w1/w3/w2`` on disk."""
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=6, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=targets))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "theirs")
+    result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours")
+    assert result.verify.ok and len(result.changed) == 2 * 4 * 3
+    assert all(".block_sparse_moe.experts." in n for n in result.changed)
+    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
+def test_legacy_per_expert_peft_lora_merges_and_nothing_is_dropped(tmp_path: Path) -> None:
+    """PEFT adapters made when Mixtral's experts were nn.Linear modules (target_modules w1/w2/w3:
+    ``…block_sparse_moe.experts.N.w1.lora_A.weight``) bind to the per-expert tensors on disk, each
+    merged exactly (float64 reference); a factor for an expert the base does not have is refused
+    by name — never dropped."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loratools.cli import cli
+
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=6, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(2)
+
+    def adapter(folder: Path, experts: range) -> dict:
+        sd, want = {}, {}
+        for e in experts:
+            for w, (o, i) in {"w1": (6, 16), "w2": (16, 6), "w3": (6, 16)}.items():
+                stem = f"model.layers.0.block_sparse_moe.experts.{e}.{w}"
+                A, B = torch.randn(2, i, generator=g), torch.randn(o, 2, generator=g)
+                sd[f"base_model.model.{stem}.lora_A.weight"], sd[f"base_model.model.{stem}.lora_B.weight"] = A, B
+                want[stem + ".weight"] = 3.0 * (B.double() @ A.double())
+        folder.mkdir()
+        save_file(sd, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": ["w1", "w2", "w3"]}))
+        return want
+
+    want = adapter(tmp_path / "legacy", range(4))
+    result = loratools.merge(tmp_path / "base", tmp_path / "legacy", tmp_path / "out")
+    assert result.verify.ok and len(result.changed) == 12
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, d in want.items():
+        assert torch.allclose(ours[k].double(), base[k].double() + d, rtol=0, atol=1e-5), k
+    adapter(tmp_path / "too-many", range(6))  # experts 4 and 5 are not in the base
+    res = CliRunner().invoke(cli, ["merge", str(tmp_path / "base"), str(tmp_path / "too-many"), str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "experts.4" in res.output and not (tmp_path / "o2").exists()

@@ -13,7 +13,8 @@ they cannot tell.
 
 On disk transformers 5 writes these experts per expert, the way older checkpoints are:
 ``mlp.experts.{e}.gate_proj.weight`` / ``up_proj`` (I, H) — the two halves of gate_up_proj[e] —
-and ``down_proj`` (H, I). Each expert's ΔW is bound there: gate_up's B cut by rows (A shared),
+and ``down_proj`` (H, I); Mixtral (fused the same way in memory, I = intermediate_size) as
+``block_sparse_moe.experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down). Each expert's ΔW is bound there: gate_up's B cut by rows (A shared),
 exact. Checkpoints that store the experts fused on disk (gpt-oss) are not bound yet (refused as
 unbound); other MoE configs are refused by name.
 """
@@ -38,6 +39,17 @@ PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<depth>(?:base_layer\.)*)lora_(?P<role>[AB])\.weight$")
 
 
+MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # its legacy per-expert names
+
+
+def _on_disk(module: str, expert: int, part: str, mixtral: bool) -> str:
+    """Where one expert's part lives on disk: ``…mlp.experts.{e}.gate_proj.weight`` (Qwen-MoE), or
+    Mixtral's ``…block_sparse_moe.experts.{e}.w1.weight`` (w1 gate, w3 up, w2 down)."""
+    if mixtral and module.endswith(".mlp.experts"):
+        return f"{module.removesuffix('.mlp.experts')}.block_sparse_moe.experts.{expert}.{MIXTRAL[part]}.weight"
+    return f"{module}.{expert}.{part}.weight"
+
+
 def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base_config: dict | None) -> Adapter:
     params = cfg.get("target_parameters") or []
     if cfg.get("target_modules") or cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") \
@@ -45,11 +57,12 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
         raise UnsupportedAdapterError(f"{config_path}: target_parameters beside target_modules, modules_to_save, "
                                       "rank/alpha patterns, DoRA or lora_bias is not read yet.", path=config_path)
     bc = base_config or {}
-    H, I = bc.get("hidden_size"), bc.get("moe_intermediate_size")
+    mixtral = bc.get("model_type") == "mixtral"
+    H, I = bc.get("hidden_size"), bc.get("intermediate_size" if mixtral else "moe_intermediate_size")
     if not (isinstance(H, int) and isinstance(I, int) and H > 0 and I > 0):
         raise UnsupportedAdapterError(
             f"{config_path}: LoRA on fused MoE expert parameters needs the base (hidden_size and "
-            f"moe_intermediate_size in its config: Qwen2/Qwen3-MoE); model_type {clip(repr(bc.get('model_type')))} "
+            f"moe_intermediate_size in its config: Qwen2/Qwen3-MoE; intermediate_size for Mixtral); model_type {clip(repr(bc.get('model_type')))} "
             "is not mapped yet.", path=config_path, hint="Pass --base BASE (the model the adapter was made for).")
     if H == 2 * I:
         raise UnsupportedAdapterError(f"{config_path}: hidden_size = 2·moe_intermediate_size: the shapes cannot tell "
@@ -87,7 +100,7 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
             a, b = As[e].contiguous(), Bs[:, :, e].contiguous()
             pieces = ([("gate_proj", b[:I]), ("up_proj", b[I:])] if which == "gate_up_proj" else [("down_proj", b)])
             for name, part in pieces:
-                target = f"{module}.{e}.{name}.weight"
+                target = _on_disk(module, e, name, mixtral)
                 modules[target] = lowrank_module(target, a, part.contiguous(), scale, float(alpha), kind="linear",
                                                  transposed=False, source_keys=(module,))
     if not modules:
