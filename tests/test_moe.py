@@ -17,13 +17,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], ["mlp.experts.down_proj"]])
-def test_expert_lora_merges_like_peft(tmp_path: Path, targets: list[str]) -> None:
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=6,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg)
+def save_base_adapter_and_peft_merge(model, targets: list[str], tmp_path: Path) -> None:
+    """tmp_path/base (the model), /adapter (a random PEFT target_parameters LoRA), /theirs (PEFT's merge)."""
     model.save_pretrained(tmp_path / "base")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=targets))
     g = torch.Generator().manual_seed(1)
@@ -33,6 +28,16 @@ def test_expert_lora_merges_like_peft(tmp_path: Path, targets: list[str]) -> Non
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pm.save_pretrained(tmp_path / "adapter")
     pm.merge_and_unload().save_pretrained(tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], ["mlp.experts.down_proj"]])
+def test_expert_lora_merges_like_peft(tmp_path: Path, targets: list[str]) -> None:
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=6,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    save_base_adapter_and_peft_merge(model, targets, tmp_path)
     out = tmp_path / "ours"
     result = loratools.merge(tmp_path / "base", tmp_path / "adapter", out)
     assert result.verify.ok
@@ -53,16 +58,7 @@ def test_mixtral_expert_lora_merges_like_peft_into_its_legacy_names(tmp_path: Pa
                                      num_experts_per_tok=2)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
-    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=targets))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.save_pretrained(tmp_path / "adapter")
-    pm.merge_and_unload().save_pretrained(tmp_path / "theirs")
+    save_base_adapter_and_peft_merge(model, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], tmp_path)
     result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours")
     assert result.verify.ok and len(result.changed) == 2 * 4 * 3
     assert all(".block_sparse_moe.experts." in n for n in result.changed)

@@ -358,6 +358,10 @@ def refuse_unless_requantizable(bs: BlockScale, dtype: str, path: object) -> Non
             hint="Pass --dtype bf16 to write the merged weights dequantized.")
 
 
+def _span(lo: float, hi: float) -> str:
+    return f"{lo:.2e}" if f"{lo:.2e}" == f"{hi:.2e}" else f"{lo:.2e}–{hi:.2e}"
+
+
 def summarize(stats: list[QuantStats]) -> list[str]:
     """Lines for the report: the requantization error next to the rounding the original carries."""
     if not stats:
@@ -369,7 +373,7 @@ def summarize(stats: list[QuantStats]) -> list[str]:
             f"against the exact W+ΔW ≤ {max(s.worst_steps for s in stats):.2f} e4m3 step of its block, relative "
             f"(Frobenius) at most {worst.requant_rel:.2e} ({worst.name}); the original FP8 codes carry about "
             f"{orig:.2e} from their own rounding (half-step uniform model); the adapters changed the weights by "
-            f"{min(s.delta_rel for s in stats):.2e}–{max(s.delta_rel for s in stats):.2e} (relative).")
+            f"{_span(min(s.delta_rel for s in stats), max(s.delta_rel for s in stats))} (relative).")
     lines = [line]
     if lost:
         lines.append(f"warning: in {len(lost)} weight(s) the requantization error is more than half the size of the "
