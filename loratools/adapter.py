@@ -72,6 +72,8 @@ class LoraModule:
         """The base shape this module fits when stored (out, in…) or, transposed, (in, out)."""
         if self.kind == "conv":
             return (self.fan_out, self.fan_in // max(1, math.prod(self.kernel)), *self.kernel)
+        if self.kind == "experts":  # fused experts (E, d1, d2): one delta per expert (deltas.Experts)
+            return (self.fan_out, *self.delta.stored)  # type: ignore[attr-defined]
         return (self.fan_in, self.fan_out) if transposed else (self.fan_out, self.fan_in)
 
     @property

@@ -21,6 +21,7 @@ need no change.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ import torch
 from .errors import InternalError
 
 __all__ = ["Delta", "LowRank", "Full", "Product", "Hadamard", "Kronecker", "Transform", "Scaling", "Rotation", "InputRotation",
-           "InputButterfly", "RowSlice", "RowStack"]
+           "InputButterfly", "RowSlice", "RowStack", "Experts"]
 
 Device = torch.device | str | None
 
@@ -977,3 +978,91 @@ class RowStack(Delta):
     def describe(self) -> dict[str, Any]:
         return {"kind": "stack", "rank": None, "parts": [d.describe() for _, d in self.parts],
                 "parameters": self.parameter_count()}
+
+
+@dataclass(frozen=True, eq=False)
+class Experts(Delta):
+    """One low-rank ΔW per expert of a fused expert tensor stored (E, d1, d2) — gpt-oss's
+    ``experts.gate_up_proj`` (E, H, 2I) as it is on disk: expert e's ΔW_e = scale · B[e] @ A[e]
+    with A (E, r, in) and B (E, out, r). As a matrix it is (E, d1·d2): row e is expert e's ΔW in
+    the stored layout, flattened — ``transposed`` when the tensor stores (in, out) per expert
+    (PEFT's ``is_transposed``: x @ W[e]), so stored = ΔW_eᵀ."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    transposed: bool = False
+    alpha: float | None = None
+
+    kind: ClassVar[str] = "experts"
+
+    @property
+    def experts(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return self.experts
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[2]) * int(self.B.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def depth(self) -> int:
+        return self.rank
+
+    @property
+    def stored(self) -> tuple[int, int]:
+        """(d1, d2) of one expert as stored."""
+        o, i = int(self.B.shape[1]), int(self.A.shape[2])
+        return (i, o) if self.transposed else (o, i)
+
+    def _product(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, device: Device,
+                 weight: float) -> torch.Tensor:
+        A, B = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
+        factor = float(weight) * float(self.scale)
+        if A.numel() <= B.numel():
+            A = A * factor
+        else:
+            B = B * factor
+        d = torch.bmm(B, A)
+        return (d.transpose(1, 2) if self.transposed else d).reshape(len(d), -1)
+
+    def rows(self, i: int, j: int, *, dtype: torch.dtype = torch.float32, device: Device = None,
+             weight: float = 1.0) -> torch.Tensor:
+        return self._product(self.A[i:j], self.B[i:j], dtype, device, weight)
+
+    def take_rows(self, idx: torch.Tensor, *, dtype: torch.dtype = torch.float64, weight: float = 1.0) -> torch.Tensor:
+        return self._product(self.A[idx], self.B[idx], dtype, None, weight)
+
+    def magnitude(self) -> Experts:
+        return replace(self, A=self.A.float().abs(), B=self.B.float().abs(), scale=abs(float(self.scale)))
+
+    @property
+    def T(self) -> Delta:
+        raise InternalError("expert deltas are applied to their fused (E, d1, d2) storage only")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A, "B": self.B}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Experts:
+        return replace(self, A=fn(self.A), B=fn(self.B))
+
+    def scaled(self, factor: float) -> Experts:
+        return replace(self, scale=self.scale * factor)
+
+    def expert(self, e: int) -> LowRank:
+        """Expert e's ΔW (out, in) as a LowRank delta."""
+        return LowRank(self.A[e], self.B[e], self.scale, self.alpha)
+
+    def norm(self) -> float:
+        return math.sqrt(sum(self.expert(e).norm() ** 2 for e in range(self.experts)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "experts": self.experts, "alpha": self.alpha,
+                "scale": self.scale, "parameters": self.parameter_count()}

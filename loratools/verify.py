@@ -582,6 +582,30 @@ def forward_check(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged
                        rel_err=float(err.max()) / (float(ref.abs().max()) or 1.0), mismatched=bad, numel=err.numel())
 
 
+def forward_experts(parts: list[tuple[LoraModule, float]], W: torch.Tensor, merged: torch.Tensor, *, dtype: str,
+                    seed: int = 0) -> TensorCheck:
+    """Fused experts (E, d1, d2): every expert's layer run on random inputs, x → A_e → B_e un-merged
+    against x through merged[e] — as :func:`forward_check` does for one layer; the worst expert is
+    reported for the tensor."""
+    target = parts[0][0].target
+    if len(parts) > 1 or parts[0][0].kind != "experts":
+        raise UnsupportedAdapterError(f"{target}: --forward checks fused experts changed by one adapter only; the "
+                                      "element check covers them.", tensor=target)
+    m, w = parts[0]
+    d = m.delta
+    worst: TensorCheck | None = None
+    bad = numel = 0
+    for e in range(int(W.shape[0])):
+        one = LoraModule(f"{target}[{e}]", d.expert(e), kind="linear", transposed=d.transposed)  # type: ignore[attr-defined]
+        c = forward_check([(one, w)], W[e], merged[e], dtype=dtype, seed=seed + e, n=4)
+        bad, numel = bad + c.mismatched, numel + c.numel
+        if worst is None or c.max_ulps > worst.max_ulps:
+            worst = c
+    assert worst is not None
+    return TensorCheck(target, dtype, "ok" if bad == 0 else "FAIL", "forward", max_ulps=worst.max_ulps,
+                       rel_err=worst.rel_err, mismatched=bad, numel=numel)
+
+
 def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
                   progress: Callable[[int, int, str], None] | None = None) -> VerifyReport:
     """Every tensor of ``out`` against what ``plan`` says it must be; missing and extra ones fail."""
@@ -629,6 +653,7 @@ def check_against(plan: Plan, out: Checkpoint, *, forward: bool = False,
                 by_target.setdefault(target, []).append((m, float(ai.sign * (ai.weight or 0.0))))
         for target, parts in by_target.items():
             if target in out.tensors and tuple(out.tensors[target].shape) == tuple(ckpt.tensors[target].shape):
-                report.checks.append(forward_check(parts, ckpt.get(target), out.get(target),
-                                                   dtype=out.tensors[target].dtype, seed=len(report.checks)))
+                check = forward_experts if any(m.kind == "experts" for m, _ in parts) else forward_check
+                report.checks.append(check(parts, ckpt.get(target), out.get(target),
+                                           dtype=out.tensors[target].dtype, seed=len(report.checks)))
     return report

@@ -112,3 +112,56 @@ def test_legacy_per_expert_peft_lora_merges_and_nothing_is_dropped(tmp_path: Pat
     adapter(tmp_path / "too-many", range(6))  # experts 4 and 5 are not in the base
     res = CliRunner().invoke(cli, ["merge", str(tmp_path / "base"), str(tmp_path / "too-many"), str(tmp_path / "o2")])
     assert res.exit_code == 1 and "experts.4" in res.output and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], ["mlp.experts.gate_up_proj"]])
+def test_gpt_oss_experts_fused_on_disk_merge_like_peft(tmp_path: Path, targets: list[str]) -> None:
+    """gpt-oss keeps its experts fused on disk: gate_up_proj (E, H, 2I) with gate and up interleaved,
+    down_proj (E, I, H), read as x @ W[e] (PEFT's is_transposed). Each expert's ΔW goes into its
+    slice of the fused tensor, as PEFT's merge_and_unload puts it."""
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                    vocab_size=64)
+    torch.manual_seed(0)
+    save_base_adapter_and_peft_merge(transformers.GptOssForCausalLM(cfg), targets, tmp_path)
+    result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours", verify="full")
+    assert result.verify.ok and len(result.changed) == 2 * len(targets)
+    assert all(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in result.changed)
+    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == 2 * len(targets)
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+    # and the sampled default check, unmerge, and loratools verify read the fused tensors too
+    assert loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours2").verify.ok
+    assert loratools.unmerge(tmp_path / "ours2", tmp_path / "adapter", tmp_path / "back").verify.ok
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    for k, v in base.items():
+        assert torch.allclose(back[k], v, rtol=0, atol=1e-5), k
+
+
+def test_gpt_oss_expert_adapter_forward_check_and_clean_refusals(tmp_path: Path) -> None:
+    """verify --forward runs every expert's layer un-merged; stack, resize, convert to formats without
+    expert parameters and extract of fused experts refuse by name instead of writing something else."""
+    from click.testing import CliRunner
+
+    from loratools.cli import cli
+
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                    vocab_size=64)
+    torch.manual_seed(0)
+    save_base_adapter_and_peft_merge(transformers.GptOssForCausalLM(cfg),
+                                     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], tmp_path)
+    b, a = str(tmp_path / "base"), str(tmp_path / "adapter")
+    run = CliRunner().invoke
+    res = run(cli, ["verify", b, a, str(tmp_path / "theirs"), "--forward"])  # PEFT's own merge
+    assert res.exit_code == 0 and "2 layer(s) agree in a forward pass" in res.output, res.output
+    for args, needle in ((["stack", a, a, str(tmp_path / "s"), "--base", b, "--method", "cat"], "fused expert"),
+                         (["resize", a, str(tmp_path / "r"), "--rank", "1", "--base", b], "fused expert"),
+                         (["convert", a, str(tmp_path / "k"), "--to", "kohya", "--base", b], "experts delta"),
+                         (["extract", b, str(tmp_path / "theirs"), str(tmp_path / "x"), "--rank", "2"], "fused experts")):
+        res = run(cli, args)
+        assert res.exit_code == 1 and needle in res.output and "bug" not in res.output, (args, res.output)

@@ -50,6 +50,89 @@ def _on_disk(module: str, expert: int, part: str, mixtral: bool) -> str:
     return f"{module}.{expert}.{part}.weight"
 
 
+def _levels(weights: Path, r: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module, lora_A (r·E, in), lora_B (out, r·E)) of every wrapper level, checked."""
+    sd = load_tensors(list(read_header(weights).tensors.values())) if weights.suffix == ".safetensors" \
+        else load_state_dict(weights)
+    levels: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        m = KEY.match(key)
+        if m is None:
+            raise AdapterFormatError(f"{weights}: {clip(key)} is not a lora_A / lora_B of a parameter wrapper.",
+                                     path=weights, tensor=key)
+        levels.setdefault((m["module"], m["depth"].count("base_layer.")), {})[m["role"]] = check_factor(t, key, weights)
+    out = []
+    for (module, depth), f in sorted(levels.items()):
+        if set(f) != {"A", "B"}:
+            raise AdapterFormatError(f"{weights}: {clip(module)} (level {depth}) lacks lora_A or lora_B.", path=weights)
+        A, B = f["A"], f["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] % r:
+            raise AdapterFormatError(f"{weights}: {clip(module)} has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}: "
+                                     f"not (r·E, in) and (out, r·E) with r = {r}.", path=weights, tensor=module)
+        out.append((module, A, B))
+    return out
+
+
+# architectures whose checkpoints keep the experts fused on disk, as (E, d1, d2) tensors:
+# model_type → {parameter: (d1, d2) as config keys}
+FUSED_ON_DISK = {
+    "gpt_oss": {"gate_up_proj": ("hidden_size", "2*intermediate_size"), "down_proj": ("intermediate_size", "hidden_size")},
+}
+
+
+def _dims(bc: dict, spec: str) -> int | None:
+    times, _, key = spec.rpartition("*")
+    v = bc.get(key)
+    return int(times or 1) * v if isinstance(v, int) and v > 0 else None
+
+
+def _read_fused(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, bc: dict,
+                params: list[str]) -> Adapter:
+    """Experts fused on disk (gpt-oss): one :class:`Experts` delta per parameter, bound to the
+    (E, d1, d2) tensor itself. PEFT's two layouts are told apart by the factors' shapes: lora_A
+    (r·E, d1) with lora_B (d2, r·E) is the parameter read as (in, out) — PEFT's ``is_transposed``
+    experts, x @ W[e] — so the stored ΔW_e is (B_e A_e)ᵀ; lora_A (r·E, d2) with lora_B (d1, r·E) is
+    PEFT's swapped reading, stored as B_e A_e. Where d1 = d2 nothing tells them apart: refused."""
+    from ..deltas import Experts
+
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", 8)
+    scale = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    shapes = {}
+    for name, (k1, k2) in FUSED_ON_DISK[bc["model_type"]].items():
+        d1, d2 = _dims(bc, k1), _dims(bc, k2)
+        if d1 is None or d2 is None:
+            raise UnsupportedAdapterError(f"{config_path}: the base config lacks {k1} / {k2} for {name}.",
+                                          path=config_path, hint="Pass --base BASE (the model the adapter was made for).")
+        shapes[name] = (d1, d2)
+    modules: dict[str, LoraModule] = {}
+    for module, A, B in _levels(weights, r):
+        experts = A.shape[0] // r
+        fin, fout = int(A.shape[1]), int(B.shape[0])
+        found = [(name, fin == d1) for name, (d1, d2) in shapes.items() if {fin, fout} == {d1, d2}
+                 and any((module + "." + name).endswith(p) for p in params)]
+        if len(found) != 1:
+            raise UnsupportedAdapterError(
+                f"{weights}: {clip(module)} has factors (in {fin}, out {fout}) that match "
+                f"{'none' if not found else 'more than one'} of the expert parameters "
+                f"{', '.join(f'{n} {list(d)}' for n, d in shapes.items())} among target_parameters {params}.",
+                path=weights, tensor=module)
+        name, transposed = found[0]
+        d1, d2 = shapes[name]
+        if d1 == d2:
+            raise UnsupportedAdapterError(f"{weights}: {clip(module)}.{name} is square per expert ({d1}×{d2}): the "
+                                          "factors' shapes cannot tell PEFT's two layouts apart and nothing declares "
+                                          "which was used.", path=weights, tensor=module)
+        target = f"{module}.{name}"
+        delta = Experts(A.reshape(experts, r, fin).contiguous(), B.reshape(fout, r, experts).permute(2, 0, 1).contiguous(),
+                        scale, transposed=transposed, alpha=float(alpha))
+        modules[target] = LoraModule(target, delta, kind="experts", transposed=False, source_keys=(module,))
+    if not modules:
+        raise AdapterFormatError(f"{weights} holds no parameter LoRA.", path=weights)
+    return Adapter(modules=modules, meta={"format": "peft", "config": cfg, "base_model": cfg.get(
+        "base_model_name_or_path"), "target_parameters": list(params)}, path=path, files=[config_path, weights])
+
+
 def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base_config: dict | None) -> Adapter:
     params = cfg.get("target_parameters") or []
     if cfg.get("target_modules") or cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") \
@@ -57,6 +140,8 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
         raise UnsupportedAdapterError(f"{config_path}: target_parameters beside target_modules, modules_to_save, "
                                       "rank/alpha patterns, DoRA or lora_bias is not read yet.", path=config_path)
     bc = base_config or {}
+    if bc.get("model_type") in FUSED_ON_DISK:
+        return _read_fused(path, cfg, config_path, weights, bc, params)
     mixtral = bc.get("model_type") == "mixtral"
     H, I = bc.get("hidden_size"), bc.get("intermediate_size" if mixtral else "moe_intermediate_size")
     if not (isinstance(H, int) and isinstance(I, int) and H > 0 and I > 0):
@@ -70,23 +155,8 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
     r = cfg.get("r", 8)
     alpha = cfg.get("lora_alpha", 8)
     scale = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    sd = load_tensors(list(read_header(weights).tensors.values())) if weights.suffix == ".safetensors" \
-        else load_state_dict(weights)
-    levels: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    for key, t in sd.items():
-        m = KEY.match(key)
-        if m is None:
-            raise AdapterFormatError(f"{weights}: {clip(key)} is not a lora_A / lora_B of a parameter wrapper.",
-                                     path=weights, tensor=key)
-        levels.setdefault((m["module"], m["depth"].count("base_layer.")), {})[m["role"]] = check_factor(t, key, weights)
     modules: dict[str, LoraModule] = {}
-    for (module, depth), f in sorted(levels.items()):
-        if set(f) != {"A", "B"}:
-            raise AdapterFormatError(f"{weights}: {clip(module)} (level {depth}) lacks lora_A or lora_B.", path=weights)
-        A, B = f["A"], f["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] % r:
-            raise AdapterFormatError(f"{weights}: {clip(module)} has lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}: "
-                                     f"not (r·E, in) and (out, r·E) with r = {r}.", path=weights, tensor=module)
+    for module, A, B in _levels(weights, r):
         experts = A.shape[0] // r
         which = {(H, 2 * I): "gate_up_proj", (I, H): "down_proj"}.get((int(A.shape[1]), int(B.shape[0])))
         if which is None or not any((module + "." + which).endswith(p) for p in params):

@@ -91,6 +91,10 @@ def _modules_by_target(read: list[Adapter], ws: list[float]) -> dict[str, list[t
                 f"{a.path}: kohya names lose the dots of the module path, so they meet other adapters' names only "
                 "through a base model.", path=a.path, hint="Pass --base BASE (the model the adapters were made for).")
         for target, m in a.modules.items():
+            if m.kind == "experts":
+                raise UnsupportedAdapterError(
+                    f"{a.path}: module {target} holds one ΔW per expert of a fused expert tensor; stacking them is "
+                    "not supported yet.", tensor=target, hint="Merge the adapters into the base one after another.")
             if not getattr(m.delta, "additive", True):
                 raise UnsupportedAdapterError(
                     f"{a.path}: module {target} is a {m.delta.kind} change, a function of the base weight with no ΔW "
@@ -275,6 +279,9 @@ def resize(
         if not getattr(m.delta, "additive", True):
             raise UnsupportedAdapterError(f"module {target} is a {m.delta.kind} change, a function of the base weight "
                                           "with no ΔW of its own: it cannot be resized.", tensor=target)
+        if m.kind == "experts":
+            raise UnsupportedAdapterError(f"module {target} holds one ΔW per expert of a fused expert tensor: resizing "
+                                          "it is not supported yet.", tensor=target)
         modules[target], report = as_lowrank(m, rank=rank, energy=energy, dtype=opts.torch_output_dtype)
         result.modules.append(report)
     out_adapter = Adapter(modules=modules, replacements=dict(a.replacements), meta=dict(a.meta))
@@ -353,6 +360,10 @@ def extract(
             else:
                 result.skipped.append(f"{name} (1-D)")
             continue
+        if D.dim() > 2 and not name.endswith(".weight"):  # fused experts (E, d1, d2): not a conv kernel
+            result.skipped.append(f"{name} (fused experts {list(D.shape)}: extracting per-expert LoRA is not "
+                                  "supported yet)")
+            continue
         emb = is_embedding(name)
         if emb and embeddings != "lora":
             if embeddings == "full":
@@ -381,6 +392,9 @@ def extract(
             if sibling.rpartition(".")[0] == module and sibling not in replacements:
                 replacements[sibling] = t.get(sibling)
     result.replacements = sorted(replacements)
+    if not modules and not replacements and result.skipped:
+        raise InvalidArgumentError(f"nothing to extract: every changed tensor was skipped — "
+                                   f"{', '.join(result.skipped[:4])}{' …' if len(result.skipped) > 4 else ''}.")
     if not modules and not replacements:
         raise InvalidArgumentError("TUNED equals BASE in every tensor: there is nothing to extract.")
     adapter = Adapter(modules=modules, replacements=replacements, meta={"format": to, "base_model": None})
