@@ -115,19 +115,21 @@ def test_f32_base_equals_peft_merge_converted(llama: dict) -> None:
     assert record["adapters"][0]["weight"] == 1.0
 
 
-def test_f16_base_rounded_once(llama: dict) -> None:
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_f16_and_bf16_bases_rounded_once(llama: dict, kind: str) -> None:
     tmp, cfg = llama["tmp"], llama["cfg"]
-    to_gguf(llama["base"], cfg, tmp / "base16.gguf", qtype=gguf.GGMLQuantizationType.F16)
+    qtype = gguf.GGMLQuantizationType[kind]
+    to_gguf(llama["base"], cfg, tmp / f"base-{kind}.gguf", qtype=qtype)
     want = to_gguf(llama["peft"], cfg, tmp / "unused.gguf")  # float32 PEFT merge, converted
-    assert loratools.merge(tmp / "base16.gguf", tmp / "lora", tmp / "out16.gguf").verify.ok
-    got = read_gguf(tmp / "out16.gguf")
+    assert loratools.merge(tmp / f"base-{kind}.gguf", tmp / "lora", tmp / f"out-{kind}.gguf").verify.ok
+    got = read_gguf(tmp / f"out-{kind}.gguf")
     name = "blk.1.attn_q.weight"
-    g, qtype, _ = got[name]
-    assert qtype == gguf.GGMLQuantizationType.F16
-    ref = want[name].astype(np.float64)  # PEFT's float32 merge, from the fp32 base: close to the f16 one
-    base16 = read_gguf(tmp / "base16.gguf")[name][0].astype(np.float64)
-    exact = base16 + (ref - to_gguf_value(llama, name))
-    assert float(np.mean(g.astype(np.float64) == exact.astype(np.float16).astype(np.float64))) > 0.99
+    g, written, _ = got[name]
+    assert written == qtype
+    delta = want[name].astype(np.float64) - to_gguf_value(llama, name)  # PEFT's ΔW, as llama.cpp lays it out
+    exact = read_gguf(tmp / f"base-{kind}.gguf")[name][0].astype(np.float64) + delta
+    once = torch.from_numpy(exact).to(torch.float16 if kind == "F16" else torch.bfloat16).double().numpy()
+    assert float(np.mean(g.astype(np.float64) == once)) > 0.99  # one rounding of the exact sum
 
 
 def to_gguf_value(llama: dict, gname: str) -> np.ndarray:
@@ -259,3 +261,84 @@ def test_a_type_the_package_cannot_quantize_is_written_f16(tmp_path: Path) -> No
     assert t.tensor_type == gguf.GGMLQuantizationType.F16
     exact = gguf.quants.dequantize(raw, q4k).astype(np.float64) + 2.0 * (B @ A).numpy()
     assert float(np.mean(np.array(t.data, dtype=np.float64) == exact.astype(np.float16).astype(np.float64))) > 0.99
+
+
+def test_moe_expert_lora_into_a_gguf_model_and_as_a_gguf_adapter(tmp_path: Path) -> None:
+    """Qwen3-MoE: llama.cpp stacks the experts into ffn_{gate,up,down}_exps (E, out, in). A PEFT
+    target_parameters adapter (fused experts in memory, per expert on disk) merged into that GGUF
+    equals PEFT's merge converted the same way; written as a GGUF adapter, its stacked factors
+    (E, r, in) / (E, out, r) read back to every expert's ΔW."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    import loratools as lt
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.save_pretrained(tmp_path / "lora")
+    merged = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+    def convert(sd: dict[str, torch.Tensor], path: Path) -> dict[str, np.ndarray]:
+        """As convert_hf_to_gguf.py's Qwen2MoeModel: gate_up split in halves, experts stacked (E, out, in)."""
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, 2)
+        w = gguf.GGUFWriter(str(path), "qwen3moe")
+        w.add_block_count(2)
+        w.add_head_count(4)
+        w.add_head_count_kv(2)
+        w.add_expert_count(4)
+        w.add_embedding_length(32)
+        w.add_feed_forward_length(64)
+        w.add_expert_feed_forward_length(32)
+        out = {}
+        for name, t in sd.items():
+            if name.endswith("mlp.experts.gate_up_proj"):
+                half = t.shape[1] // 2
+                parts = {name[:-len("gate_up_proj")] + "gate_proj.weight": t[:, :half],
+                         name[:-len("gate_up_proj")] + "up_proj.weight": t[:, half:]}
+            elif name.endswith("mlp.experts.down_proj"):
+                parts = {name + ".weight": t}
+            else:
+                parts = {name: t}
+            for n, x in parts.items():
+                gname = tmap.get_name(n, try_suffixes=(".weight",))
+                if gname is None:
+                    continue
+                out[gname] = x.float().contiguous().numpy()
+                w.add_tensor(gname, out[gname])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return out
+
+    convert(base, tmp_path / "base.gguf")
+    want = convert(merged, tmp_path / "peft.gguf")
+    res = lt.merge(tmp_path / "base.gguf", tmp_path / "lora", tmp_path / "out.gguf", verify="full")
+    assert res.verify.ok and {"blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_q.weight"} <= set(
+        res.changed)
+    got = read_gguf(tmp_path / "out.gguf")
+    assert want.keys() <= got.keys()
+    for k, a in want.items():
+        np.testing.assert_allclose(got[k][0], a, rtol=1e-5, atol=1e-6, err_msg=k)
+    # as a GGUF adapter: stacked factors, read back per expert
+    lt.convert(tmp_path / "lora", tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    shapes = {t.name: tuple(t.data.shape) for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == (4, 2, 32) and shapes["blk.0.ffn_up_exps.weight.lora_b"] == (4, 32, 2)
+    back = lt.load_adapter(tmp_path / "a.gguf", base=tmp_path / "base")
+    orig = lt.load_adapter(tmp_path / "lora", base=tmp_path / "base")
+    assert set(back.modules) == set(orig.modules)
+    for k, m in orig.modules.items():
+        x, y = back.modules[k].delta.matrix(dtype=torch.float64), m.delta.matrix(dtype=torch.float64)
+        assert torch.allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(y.abs().max()))), k

@@ -237,3 +237,115 @@ def test_llama_cpp_runs_a_gguf_model_merged_by_loratools(gguf_base, tmp_path: Pa
           f"at {outtype}: {best:.2e}; the base alone {without:.2e})")
     assert err <= {"f32": 1e-3, "f16": 2e-2, "q8_0": 1e-1}[outtype] * scale
     assert err < 0.5 * without and err <= 2 * best + 1e-3 * scale
+
+
+MOE = {  # config class, model class, config keys, expert names on disk (HF per-expert), their parts
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=8, num_experts=4, head_dim=8),
+                  "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, head_dim=8), "block_sparse_moe.experts",
+                ("w1", "w3", "w2")),
+}
+
+
+def _tiny_moe(arch: str, folder: Path) -> tuple[object, object]:
+    import transformers
+
+    cfg_name, cls_name, extra, _, _ = MOE[arch]
+    cfg = getattr(transformers, cfg_name)(vocab_size=256, hidden_size=32, intermediate_size=8, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    model.save_pretrained(folder)
+    return cfg, model
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_gguf_expert_adapters_equal_llama_cpp_converter(tmp_path: Path, arch: str) -> None:
+    """Per-expert LoRA (a legacy PEFT adapter: every expert's gate/up/down as nn.Linear modules) goes
+    to GGUF stacked into ffn_*_exps lora_a (E, r, in) / lora_b (E, out, r): names and each expert's
+    effective ΔW equal llama.cpp's convert_lora_to_gguf.py's, and its file reads back per expert."""
+    import gguf
+    from safetensors.torch import save_file
+
+    cfg, _ = _tiny_moe(arch, tmp_path / "base")
+    _, _, _, family, parts = MOE[arch]
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    for layer in range(2):
+        for e in range(4):
+            for part in parts:
+                out_f, in_f = (cfg.hidden_size, inter) if part in ("down_proj", "w2") else (inter, cfg.hidden_size)
+                stem = f"base_model.model.model.layers.{layer}.{family}.{e}.{part}"
+                sd[stem + ".lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.2
+                sd[stem + ".lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.2
+    (tmp_path / "peft").mkdir()
+    save_file(sd, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(parts), "base_model_name_or_path": None}))
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_lora_to_gguf.py"), str(tmp_path / "peft"),
+                           "--base", str(tmp_path / "base"), "--outfile", str(theirs), "--outtype", "f32"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    loratools.convert(tmp_path / "peft", ours, to="gguf", base=tmp_path / "base")
+
+    def deltas(path: Path) -> dict[str, np.ndarray]:
+        r = gguf.GGUFReader(str(path))
+        alpha = float(r.fields["adapter.lora.alpha"].contents())
+        t = {x.name: np.array(x.data).astype(np.float64) for x in r.tensors}
+        return {k[:-7]: alpha / t[k].shape[-2] * (t[k[:-1] + "b"] @ t[k]) for k in t if k.endswith(".lora_a")}
+
+    a, b = deltas(theirs), deltas(ours)
+    assert set(a) == set(b) and len([k for k in a if "_exps" in k]) == 2 * 3
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert np.allclose(b[k], a[k], rtol=0, atol=1e-6 * max(1.0, float(np.abs(a[k]).max()))), k
+    want = loratools.load_adapter(tmp_path / "peft", base=tmp_path / "base")
+    for path in (theirs, ours):
+        back = loratools.load_adapter(path, base=tmp_path / "base")
+        assert set(back.modules) == set(want.modules)
+        for k, m in want.modules.items():
+            x, y = back.modules[k].delta.matrix(dtype=torch.float64), m.delta.matrix(dtype=torch.float64)
+            assert torch.allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(y.abs().max()))), k
+
+
+def test_llama_cpp_runs_mixtral_expert_lora_from_peft_target_parameters(gguf_base, tmp_path: Path) -> None:
+    """A PEFT target_parameters adapter on a tiny Mixtral (experts fused in memory, per expert on disk)
+    → loratools' GGUF (stacked expert factors) → llama.cpp with the base converted by its own
+    convert_hf_to_gguf.py: logits equal PEFT's forward pass; and the same adapter merged into the
+    GGUF model by loratools runs equal too."""
+    import peft
+    import sentencepiece  # noqa: F401 (the fixture's tokenizer)
+
+    llama_base, _ = gguf_base
+    cfg, model = _tiny_moe("mixtral", tmp_path / "base")
+    shutil.copy(llama_base / "tokenizer.model", tmp_path / "base" / "tokenizer.model")
+    base_gguf = tmp_path / "base.gguf"
+    proc = subprocess.run([sys.executable, str(llama_dir() / "convert_hf_to_gguf.py"), str(tmp_path / "base"),
+                           "--outfile", str(base_gguf), "--outtype", "f32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    target_parameters=["mlp.experts.gate_up_proj",
+                                                                       "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        reference = pm(torch.tensor([TOKENS])).logits[0].numpy()
+    ours = tmp_path / "ours.gguf"
+    loratools.convert(tmp_path / "peft", ours, to="gguf", base=tmp_path / "base")
+    got, plain = llama_logits(base_gguf, ours), llama_logits(base_gguf, None)
+    scale = max(1.0, float(np.abs(reference).max()))
+    err = float(np.abs(got - reference).max())
+    merged = tmp_path / "merged.gguf"
+    assert loratools.merge(base_gguf, tmp_path / "peft", merged).verify.ok
+    merged_err = float(np.abs(llama_logits(merged, None) - reference).max())
+    print(f"mixtral expert LoRA: llama.cpp max |Δlogit| vs PEFT {err:.2e} as an adapter, {merged_err:.2e} merged "
+          f"(base alone {float(np.abs(plain - reference).max()):.2e})")
+    assert err <= 1e-3 * scale and merged_err <= 1e-3 * scale
+    assert float(np.abs(got - plain).max()) > 1e-2 * scale

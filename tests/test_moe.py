@@ -17,10 +17,12 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def save_base_adapter_and_peft_merge(model, targets: list[str], tmp_path: Path) -> None:
-    """tmp_path/base (the model), /adapter (a random PEFT target_parameters LoRA), /theirs (PEFT's merge)."""
+def save_base_adapter_and_peft_merge(model, targets: list[str], tmp_path: Path, modules: list[str] | None = None) -> None:
+    """tmp_path/base (the model), /adapter (a random PEFT target_parameters LoRA, with module LoRA on
+    ``modules`` beside it), /theirs (PEFT's merge)."""
     model.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=targets))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=modules or [],
+                                                    target_parameters=targets))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -165,3 +167,78 @@ def test_gpt_oss_expert_adapter_forward_check_and_clean_refusals(tmp_path: Path)
                          (["extract", b, str(tmp_path / "theirs"), str(tmp_path / "x"), "--rank", "2"], "fused experts")):
         res = run(cli, args)
         assert res.exit_code == 1 and needle in res.output and "bug" not in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_module_lora_beside_expert_lora(tmp_path: Path, arch: str) -> None:
+    """target_modules (attention) and target_parameters (experts) in one adapter: both merged, as PEFT does."""
+    if arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=6,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          num_experts=4, num_experts_per_tok=2)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                        vocab_size=64)
+        model = transformers.GptOssForCausalLM(cfg)
+    torch.manual_seed(0)
+    save_base_adapter_and_peft_merge(model, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], tmp_path,
+                                     modules=["q_proj", "v_proj"])
+    result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours")
+    assert result.verify.ok
+    assert sum(n.endswith(("q_proj.weight", "v_proj.weight")) for n in result.changed) == 4
+    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == len(result.changed)
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
+def test_gpt_oss_swapped_peft_layout_and_square_experts(tmp_path: Path) -> None:
+    """PEFT's other reading of a 3-D parameter (in and out swapped: lora_A (r·E, d2), lora_B (d1, r·E),
+    stored ΔW_e = B_e A_e) is told from the is_transposed one by the factors' shapes (float64
+    reference); experts square per expert (d1 = d2) are refused: nothing tells the readings apart."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loratools.cli import cli
+
+    def base(folder: Path, hidden: int, inter: int) -> dict:
+        cfg = transformers.GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=64)
+        torch.manual_seed(0)
+        transformers.GptOssForCausalLM(cfg).save_pretrained(folder)
+        return load_file(str(folder / "model.safetensors"))
+
+    def adapter(folder: Path, shapes: dict[str, tuple[int, int]]) -> dict:
+        g = torch.Generator().manual_seed(4)
+        sd, want = {}, {}
+        for depth, (name, (d1, d2)) in enumerate(shapes.items()):
+            A, B = torch.randn(2 * 4, d2, generator=g), torch.randn(d1, 2 * 4, generator=g)  # the swapped reading
+            key = "base_model.model.model.layers.0.mlp.experts." + "base_layer." * depth
+            sd[key + "lora_A.weight"], sd[key + "lora_B.weight"] = A, B
+            As, Bs = A.double().reshape(4, 2, d2), B.double().reshape(d1, 2, 4).permute(2, 0, 1)
+            want[f"model.layers.0.mlp.experts.{name}"] = 3.0 * torch.bmm(Bs, As)  # (E, d1, d2) as stored
+        folder.mkdir()
+        save_file(sd, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 2, "lora_alpha": 6, "target_modules": [],
+            "target_parameters": [f"mlp.experts.{n}" for n in shapes]}))
+        return want
+
+    weights = base(tmp_path / "base", 32, 24)
+    want = adapter(tmp_path / "lora", {"gate_up_proj": (32, 48), "down_proj": (24, 32)})
+    assert loratools.merge(tmp_path / "base", tmp_path / "lora", tmp_path / "out").verify.ok
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, d in want.items():
+        assert torch.allclose(got[k].double(), weights[k].double() + d, rtol=0, atol=1e-5), k
+    base(tmp_path / "square", 32, 16)  # gate_up (E, 32, 32): square per expert
+    adapter(tmp_path / "sq-lora", {"gate_up_proj": (32, 32)})
+    res = CliRunner().invoke(cli, ["merge", str(tmp_path / "square"), str(tmp_path / "sq-lora"), str(tmp_path / "o")])
+    assert res.exit_code == 1 and "square" in res.output and not (tmp_path / "o").exists()

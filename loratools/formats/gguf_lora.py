@@ -46,7 +46,76 @@ ARCHS: dict[str, tuple[str, bool]] = {
     "gemma2": ("gemma2", False),
     "gemma3_text": ("gemma3", False),
     "phi3": ("phi3", False),
+    # mixture of experts: per-expert LoRA stacked into the 3-D ffn_*_exps tensors, as llama.cpp's
+    # converter stacks the experts (and convert_lora_to_gguf.py their factors)
+    "qwen3_moe": ("qwen3moe", False),
+    "mixtral": ("llama", True),
 }
+# one expert's tensor (HF, on disk) → (layer, family, expert, part)
+EXPERT = re.compile(r"^model\.layers\.(\d{1,6})\.(mlp|block_sparse_moe)\.experts\.(\d{1,6})\."
+                    r"(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+def _fused_name(layer: int, family: str, part: str) -> str:
+    """The HF name llama.cpp's converter gives a layer's stacked experts (what the name tables map)."""
+    if family == "mlp":
+        return f"model.layers.{layer}.mlp.experts.{part}.weight"
+    return f"layers.{layer}.feed_forward.experts.{part}.weight"  # Mixtral (conversion/llama.py)
+
+
+def _expert_name(fused: str, expert: int) -> str | None:
+    """One expert's HF name from the stacked name (the inverse of :func:`_fused_name`)."""
+    m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.weight$", fused)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{expert}.{m.group(2)}.weight"
+    m = re.match(r"^layers\.(\d+)\.feed_forward\.experts\.(w1|w2|w3)\.weight$", fused)
+    if m:
+        return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{expert}.{m.group(2)}.weight"
+    return None
+
+
+def _n_experts(config: dict) -> int | None:
+    for key in ("num_experts", "num_local_experts"):
+        if (v := _config_int(config, key)) is not None:
+            return v
+    return None
+
+
+def _stack_experts(mods: dict[str, LoraModule], config: dict, alpha: float) -> tuple[
+        dict[str, LoraModule], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per-expert modules stacked per (layer, part) into (E, R, in) / (E, out, R) factors — zeros
+    for experts the adapter leaves alone, ranks padded to the largest (exact: zero rows and
+    columns), each expert's scale folded into its B so that llama.cpp's alpha / R holds. Returns
+    (the other modules, {fused HF name: (A, B)})."""
+    groups: dict[tuple[int, str, str], dict[int, LoraModule]] = {}
+    rest = {}
+    for target, m in mods.items():
+        hit = EXPERT.match(target)
+        if hit is None:
+            rest[target] = m
+            continue
+        groups.setdefault((int(hit.group(1)), hit.group(2), hit.group(4)), {})[int(hit.group(3))] = m
+    stacked = {}
+    n = _n_experts(config)
+    for (layer, family, part), experts in sorted(groups.items()):
+        if n is None or max(experts) >= n:
+            raise UnsupportedAdapterError(
+                f"expert {max(experts)} of layer {layer} {part}: the base config gives "
+                f"{'no expert count' if n is None else f'{n} experts'}.", tensor=next(iter(experts.values())).target)
+        R = max(m.rank for m in experts.values())
+        first = lowrank(next(iter(experts.values())))
+        rows, cols = first.out_features, first.in_features
+        A = torch.zeros(n, R, cols, dtype=torch.float32)
+        B = torch.zeros(n, rows, R, dtype=torch.float32)
+        for e, m in experts.items():
+            d = lowrank(fold_scale(m, alpha / R)).padded(R)
+            if (d.out_features, d.in_features) != (rows, cols):
+                raise UnsupportedAdapterError(f"{clip(m.target)}: experts of one layer with different shapes.",
+                                              tensor=m.target)
+            A[e], B[e] = d.A.float(), d.B.float()
+        stacked[_fused_name(layer, family, part)] = (A, B)
+    return rest, stacked
+
 
 
 def _gguf() -> Any:
@@ -187,6 +256,15 @@ def write(adapter: Adapter, out: Path, *, base_model: str | None = None, base_co
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     names: dict[str, str] = {}
+    mods, stacked = _stack_experts(dict(mods), base_config, alpha)
+    for fused, (A, B) in stacked.items():
+        gname = tmap.get_name(fused, try_suffixes=(".weight",))
+        if gname is None:
+            raise UnsupportedAdapterError(f"{clip(fused)} (stacked experts) has no llama.cpp tensor name for "
+                                          f"{arch_name}.", tensor=fused)
+        _add(writer, gguf, gname + ".lora_a", A.contiguous())
+        _add(writer, gguf, gname + ".lora_b", B.contiguous())
+        names[gname] = fused
     for target, m in sorted(mods.items()):
         gname = tmap.get_name(target, try_suffixes=(".weight",))
         if gname is None:
@@ -301,6 +379,14 @@ def read(path: Path, *, base_config: dict | None = None, **_: Any) -> Adapter:
         if "lora_a" not in roles or "lora_b" not in roles:
             raise AdapterFormatError(f"{f}: {clip(gname)} lacks lora_a or lora_b.", path=f)
         A, B = _tensor(by_name[roles["lora_a"]], f), _tensor(by_name[roles["lora_b"]], f)
+        if A.dim() == 3 or B.dim() == 3:  # stacked experts (ffn_*_exps): one module per expert
+            known = isinstance(config.get("model_type"), str) and config.get("model_type") in ARCHS
+            fused = hf_names.get(gname) or (_hf_name(gname, config) if known else None)
+            for target, m in _split_experts(f, gname, fused, A, B, alpha).items():
+                if target in modules:
+                    raise AdapterFormatError(f"{f}: two GGUF tensor pairs map to {clip(target)}.", path=f, tensor=target)
+                modules[target] = m
+            continue
         emb = gname.startswith("token_embd")
         if emb:
             if A.dim() != 2:
@@ -335,6 +421,31 @@ def read(path: Path, *, base_config: dict | None = None, **_: Any) -> Adapter:
                    path=path, files=[f])
 
 
+def _split_experts(f: Path, gname: str, fused: str | None, A: torch.Tensor, B: torch.Tensor,
+                   alpha: float) -> dict[str, LoraModule]:
+    """A stacked expert pair, lora_a (E, r, in) / lora_b (E, out, r), as one module per expert (an
+    expert whose B is all zero changes nothing and is left out)."""
+    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2] or A.shape[1] == 0:
+        raise AdapterFormatError(f"{f}: {clip(gname)} has lora_a {tuple(A.shape)} and lora_b {tuple(B.shape)}, not "
+                                 "stacked expert factors (E, r, in) and (E, out, r).", path=f, tensor=gname)
+    if fused is None or _expert_name(fused, 0) is None:
+        raise AdapterFormatError(f"{f}: the stacked expert tensor {clip(gname)} cannot be mapped back to Hugging Face "
+                                 "names.", path=f, hint="Pass the base model (--base) whose config.json gives the "
+                                 "architecture.")
+    r = int(A.shape[1])
+    scale = alpha / r if alpha else 1.0
+    check_scale(f, gname, scale)
+    out = {}
+    for e in range(int(A.shape[0])):
+        if not bool(B[e].any()):
+            continue
+        target = _expert_name(fused, e)
+        out[target] = lowrank_module(target, A[e].contiguous(), B[e].contiguous(), scale, alpha or float(r),
+                                     kind="linear", transposed=False,
+                                     source_keys=(gname + ".lora_a", gname + ".lora_b"))
+    return out
+
+
 def _hf_name(gname: str, config: dict) -> str | None:
     """The HF tensor name of a GGUF name, by running the package's map over the names this
     architecture has (no table of our own) — for the one block the name belongs to."""
@@ -350,6 +461,11 @@ def _hf_name(gname: str, config: dict) -> str | None:
             mods = ("self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj", "mlp.down_proj")
         for mod in mods:
             candidates.append(f"model.layers.{layer}.{mod}.weight")
+        if _n_experts(config):  # stacked experts: Mixtral's names, or Qwen-MoE's
+            if config.get("model_type") == "mixtral":
+                candidates += [_fused_name(layer, "block_sparse_moe", p) for p in ("w1", "w2", "w3")]
+            else:
+                candidates += [_fused_name(layer, "mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]
     for c in candidates:
         if tmap.get_name(c, try_suffixes=(".weight",)) == gname:
             return c

@@ -27,17 +27,46 @@ def read(path: Path, *, base_config: dict | None = None, **_: object) -> Adapter
     config_path, weights = find_files(path)
     cfg = read_config(config_path)
     if cfg.get("target_parameters"):  # LoRA on fused MoE expert parameters
-        return peft_params.read(path, cfg, config_path, weights, base_config)
+        if not cfg.get("target_modules"):
+            return peft_params.read(path, cfg, config_path, weights, base_config)
+        return _read_mixed(path, cfg, config_path, weights, base_config)
     if str(cfg.get("peft_type", "")).upper() in peft_transforms.TYPES:  # (IA)³, OFT: functions of W
         return peft_transforms.read(path, cfg, config_path, weights)
     if str(cfg.get("peft_type", "")).upper() in peft_loha_lokr.TYPES:
         return peft_loha_lokr.read(path, cfg, config_path, weights)
+    return _read_lora(path, cfg, config_path, weights)
+
+
+def _read_mixed(path: Path, cfg: dict, config_path: Path, weights: Path, base_config: dict | None) -> Adapter:
+    """target_modules and target_parameters in one adapter (attention LoRA beside expert LoRA): the
+    keys of the parameter wrappers (the modules owning a targeted parameter) are read as such, the
+    rest as module LoRA; every key is one or the other."""
+    names = list(read_header(weights).tensors) if weights.suffix == ".safetensors" else list(load_state_dict(weights))
+    owners = {p.rsplit(".", 1)[0] for p in cfg["target_parameters"] if "." in p}
+    wrapped = {k for k in names if (m := peft_params.KEY.match(k)) and any(
+        m["module"] == o or m["module"].endswith("." + o) for o in owners)}
+    experts = peft_params.read(path, {k: v for k, v in cfg.items() if k != "target_modules"}, config_path, weights,
+                               base_config, keys=wrapped)
+    plain = _read_lora(path, {k: v for k, v in cfg.items() if k != "target_parameters"}, config_path, weights,
+                       keys=set(names) - wrapped)
+    clash = set(experts.modules) & set(plain.modules)
+    if clash:
+        raise AdapterFormatError(f"{weights}: {clip(sorted(clash)[0])} is adapted both as a module and as a parameter.",
+                                 path=weights)
+    meta = dict(plain.meta, target_parameters=experts.meta.get("target_parameters"))
+    return Adapter(modules={**plain.modules, **experts.modules}, replacements=plain.replacements, meta=meta,
+                   warnings=plain.warnings, path=path, files=[config_path, weights])
+
+
+def _read_lora(path: Path, cfg: dict, config_path: Path, weights: Path, keys: set[str] | None = None) -> Adapter:
+    """PEFT LoRA on modules (``keys``: only these tensors of the file)."""
     if weights.suffix == ".safetensors":  # the plan (and its refusals) from the header, before any tensor is read
         header = read_header(weights)
-        plan = plan_state_dict(cfg, config_path, weights, {k: t.shape for k, t in header.tensors.items()})
-        sd = {} if not plan.modules and not plan.replacements else load_tensors(list(header.tensors.values()))
+        infos = [t for k, t in header.tensors.items() if keys is None or k in keys]
+        plan = plan_state_dict(cfg, config_path, weights, {t.name: t.shape for t in infos})
+        sd = {} if not plan.modules and not plan.replacements else load_tensors(infos)
     else:
-        sd = load_state_dict(weights)
+        sd = {k: v for k, v in load_state_dict(weights).items() if keys is None or k in keys}
         plan = plan_state_dict(cfg, config_path, weights, {k: tuple(t.shape) for k, t in sd.items()})
     settings = plan.settings or read_settings(cfg, config_path)
     if not plan.modules and not plan.replacements:

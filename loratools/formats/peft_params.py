@@ -50,10 +50,11 @@ def _on_disk(module: str, expert: int, part: str, mixtral: bool) -> str:
     return f"{module}.{expert}.{part}.weight"
 
 
-def _levels(weights: Path, r: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def _levels(weights: Path, r: int, keys: set[str] | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(module, lora_A (r·E, in), lora_B (out, r·E)) of every wrapper level, checked."""
-    sd = load_tensors(list(read_header(weights).tensors.values())) if weights.suffix == ".safetensors" \
-        else load_state_dict(weights)
+    sd = load_tensors([t for k, t in read_header(weights).tensors.items() if keys is None or k in keys]) \
+        if weights.suffix == ".safetensors" else {k: v for k, v in load_state_dict(weights).items()
+                                                  if keys is None or k in keys}
     levels: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         m = KEY.match(key)
@@ -87,7 +88,7 @@ def _dims(bc: dict, spec: str) -> int | None:
 
 
 def _read_fused(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, bc: dict,
-                params: list[str]) -> Adapter:
+                params: list[str], keys: set[str] | None = None) -> Adapter:
     """Experts fused on disk (gpt-oss): one :class:`Experts` delta per parameter, bound to the
     (E, d1, d2) tensor itself. PEFT's two layouts are told apart by the factors' shapes: lora_A
     (r·E, d1) with lora_B (d2, r·E) is the parameter read as (in, out) — PEFT's ``is_transposed``
@@ -106,7 +107,7 @@ def _read_fused(path: Path, cfg: dict[str, Any], config_path: Path, weights: Pat
                                           path=config_path, hint="Pass --base BASE (the model the adapter was made for).")
         shapes[name] = (d1, d2)
     modules: dict[str, LoraModule] = {}
-    for module, A, B in _levels(weights, r):
+    for module, A, B in _levels(weights, r, keys):
         experts = A.shape[0] // r
         fin, fout = int(A.shape[1]), int(B.shape[0])
         found = [(name, fin == d1) for name, (d1, d2) in shapes.items() if {fin, fout} == {d1, d2}
@@ -133,7 +134,10 @@ def _read_fused(path: Path, cfg: dict[str, Any], config_path: Path, weights: Pat
         "base_model_name_or_path"), "target_parameters": list(params)}, path=path, files=[config_path, weights])
 
 
-def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base_config: dict | None) -> Adapter:
+def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base_config: dict | None, *,
+         keys: set[str] | None = None) -> Adapter:
+    """``keys``: only these tensors of the file (the parameter wrappers of an adapter that also has
+    module LoRA)."""
     params = cfg.get("target_parameters") or []
     if cfg.get("target_modules") or cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") \
             or cfg.get("use_dora") or cfg.get("lora_bias"):
@@ -141,14 +145,16 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
                                       "rank/alpha patterns, DoRA or lora_bias is not read yet.", path=config_path)
     bc = base_config or {}
     if bc.get("model_type") in FUSED_ON_DISK:
-        return _read_fused(path, cfg, config_path, weights, bc, params)
+        return _read_fused(path, cfg, config_path, weights, bc, params, keys)
     mixtral = bc.get("model_type") == "mixtral"
     H, I = bc.get("hidden_size"), bc.get("intermediate_size" if mixtral else "moe_intermediate_size")
     if not (isinstance(H, int) and isinstance(I, int) and H > 0 and I > 0):
         raise UnsupportedAdapterError(
-            f"{config_path}: LoRA on fused MoE expert parameters needs the base (hidden_size and "
-            f"moe_intermediate_size in its config: Qwen2/Qwen3-MoE; intermediate_size for Mixtral); model_type {clip(repr(bc.get('model_type')))} "
-            "is not mapped yet.", path=config_path, hint="Pass --base BASE (the model the adapter was made for).")
+            f"{config_path}: LoRA on fused MoE expert parameters needs the base's hidden_size and "
+            f"{'intermediate_size' if mixtral else 'moe_intermediate_size'} (model_type "
+            f"{clip(repr(bc.get('model_type')))}; Qwen2/Qwen3-MoE, Mixtral and gpt-oss are mapped), which "
+            f"{'its config lacks' if bc else 'needs the base'}.", path=config_path,
+            hint="Pass --base BASE (the model the adapter was made for).")
     if H == 2 * I:
         raise UnsupportedAdapterError(f"{config_path}: hidden_size = 2·moe_intermediate_size: the shapes cannot tell "
                                       "gate_up_proj's factors from down_proj's.", path=config_path)
@@ -156,7 +162,7 @@ def read(path: Path, cfg: dict[str, Any], config_path: Path, weights: Path, base
     alpha = cfg.get("lora_alpha", 8)
     scale = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
     modules: dict[str, LoraModule] = {}
-    for module, A, B in _levels(weights, r):
+    for module, A, B in _levels(weights, r, keys):
         experts = A.shape[0] // r
         which = {(H, 2 * I): "gate_up_proj", (I, H): "down_proj"}.get((int(A.shape[1]), int(B.shape[0])))
         if which is None or not any((module + "." + which).endswith(p) for p in params):

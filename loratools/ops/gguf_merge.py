@@ -96,12 +96,17 @@ def model_config(reader: Any, path: Path) -> dict:
             hint="Each architecture's tensor layout must be checked against llama.cpp's converter first.")
     cfg: dict[str, Any] = {"model_type": model_type, "_source": str(path)}
     for key, name in (("block_count", "num_hidden_layers"), ("attention.head_count", "num_attention_heads"),
-                      ("attention.head_count_kv", "num_key_value_heads")):
+                      ("attention.head_count_kv", "num_key_value_heads"), ("expert_count", "num_experts"),
+                      ("embedding_length", "hidden_size"), ("feed_forward_length", "intermediate_size"),
+                      ("expert_feed_forward_length", "moe_intermediate_size")):
         value = _field(reader, f"{arch}.{key}")
         if isinstance(value, list):  # per-layer head counts: uniform ones only
             value = value[0] if value and all(v == value[0] for v in value) else None
         if value is not None:
             cfg[name] = int(value)
+    if model_type == "llama" and cfg.get("num_experts"):  # llama.cpp writes Mixtral as llama with experts
+        cfg["model_type"] = "mixtral"
+        cfg["num_local_experts"] = cfg["num_experts"]
     if "num_hidden_layers" not in cfg:
         raise CorruptFileError(f"{path}: {arch}.block_count is missing; the tensor names need it.", path=path)
     return cfg
@@ -112,13 +117,13 @@ class Change:
     """One GGUF tensor and what is added to it."""
 
     name: str
-    parts: list[tuple[LoraModule, float]]  # (module, signed weight)
+    parts: list[tuple[LoraModule, float, int]]  # (module, signed weight, first row in the (rows, cols) view)
     perm: torch.Tensor | None  # HF row of each GGUF row (q/k of llama-family models)
 
 
 def plan_changes(adapters: list[tuple[Adapter, float]], config: dict, tensors: dict[str, Any],
                  path: Path) -> dict[str, Change]:
-    from ..formats.gguf_lora import _check_heads, _heads, _name_map, _permute
+    from ..formats.gguf_lora import EXPERT, _check_heads, _fused_name, _heads, _name_map, _permute
 
     layers = int(config["num_hidden_layers"])
     tmap, arch, permute = _name_map(config, layers)
@@ -130,26 +135,35 @@ def plan_changes(adapters: list[tuple[Adapter, float]], config: dict, tensors: d
                     f"{clip(target)}: {'DoRA' if m.magnitude is not None else 'a bias' if m.bias is not None else m.delta.kind} "
                     "cannot be merged into a GGUF model (llama.cpp's LoRA has no form for it either).", tensor=target,
                     hint="Merge into the safetensors model, then convert it with llama.cpp's convert_hf_to_gguf.py.")
-            gname = tmap.get_name(target, try_suffixes=(".weight",)) if target.endswith(".weight") else None
+            expert = EXPERT.match(target)
+            name = _fused_name(int(expert.group(1)), expert.group(2), expert.group(4)) if expert else target
+            gname = tmap.get_name(name, try_suffixes=(".weight",)) if name.endswith(".weight") else None
             if gname is None or gname not in tensors:
                 raise UnsupportedAdapterError(
                     f"{clip(target)} ({adapter.path.name if adapter.path else 'adapter'}) has no tensor in {path} "
                     f"({arch}{': it would be ' + gname if gname else ''}).", tensor=target, path=path,
                     hint="Check that BASE is the model the adapter was made for; nothing was written.")
             t = tensors[gname]
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # numpy order: (out, in)
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # numpy order: (out, in) or (E, out, in)
             want = tuple(m.stored_shape)
-            if shape != want:
+            offset = 0
+            if expert:  # one expert's slice of the stacked (E, out, in) tensor
+                e = int(expert.group(3))
+                if len(shape) != 3 or shape[1:] != want or e >= shape[0]:
+                    raise UnsupportedAdapterError(f"{clip(target)}: expert {e}'s ΔW {list(want)} does not fit {gname} "
+                                                  f"{list(shape)} in {path}.", tensor=target, path=path)
+                offset = e * shape[1]
+            elif shape != want:
                 raise UnsupportedAdapterError(f"{clip(target)}: ΔW {list(want)} does not fit {gname} {list(shape)} in "
                                               f"{path}.", tensor=target, path=path)
             perm = None
-            heads = _heads(target, config) if permute else None
+            heads = _heads(target, config) if permute and not expert else None
             if heads:
                 rows = shape[0]
                 perm = _permute(torch.arange(rows).reshape(rows, 1),
                                 _check_heads(rows, heads, where=path, what=f"the heads of {clip(target)}")).reshape(-1)
             ch = changes.setdefault(gname, Change(gname, [], perm))
-            ch.parts.append((m, weight))
+            ch.parts.append((m, weight, offset))
     return changes
 
 
@@ -180,18 +194,43 @@ def _encode(gguf: Any, W: torch.Tensor, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(W.numpy(), qtype)
 
 
-def _rows(gguf: Any, t: Any, i: int, j: int) -> torch.Tensor:
-    """Rows i:j of a GGUF tensor as float32 (dequantized by the package where quantized)."""
-    data = t.data[i:j]
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32))
+def _matrix(t: Any) -> tuple[int, int, Any]:
+    """(rows, cols, data) of a GGUF tensor viewed as a matrix: every dimension but the last as rows
+    (stacked experts (E, out, in) are E·out rows); ``data`` the package's array, rows first."""
+    shape = [int(n) for n in reversed(t.shape.tolist())]
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    return rows, shape[-1], t.data.reshape(rows, -1)
+
+
+def _rows(gguf: Any, t: Any, i: int | torch.Tensor, j: int | None = None) -> torch.Tensor:
+    """Rows i:j (or rows ``i``, an index tensor) of a GGUF tensor as float32, dequantized by the
+    package where quantized."""
+    _, _, data = _matrix(t)
+    part = data[i:j] if j is not None else data[i.numpy()]
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float32))
+
+
+def _delta_at(ch: Change, idx: torch.Tensor, cols: int, dtype: torch.dtype, *, magnitude: bool = False
+              ) -> tuple[torch.Tensor, int]:
+    """Σ wᵢ·ΔWᵢ at rows ``idx`` of the tensor's matrix view (each part at its own rows, q/k rows
+    permuted as llama.cpp stores them), from the adapters' own factors; and the largest depth."""
+    total = torch.zeros(len(idx), cols, dtype=dtype)
+    depth = 0
+    for m, w, off in ch.parts:
+        n = int(m.stored_shape[0])
+        hit = (idx >= off) & (idx < off + n)
+        if not bool(hit.any()):
+            continue
+        local = idx[hit] - off
+        if ch.perm is not None:
+            local = ch.perm[local]
+        total[hit] += m.take(local, dtype=dtype, weight=w, magnitude=magnitude).reshape(-1, cols)
+        depth += int(m.delta.depth)
+    return total, depth
 
 
 def _delta_rows(ch: Change, i: int, j: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    idx = ch.perm[i:j] if ch.perm is not None else torch.arange(i, j)
-    total = torch.zeros(j - i, cols, dtype=dtype)
-    for m, w in ch.parts:
-        total += m.take(idx, dtype=dtype, weight=w).reshape(j - i, cols)
-    return total
+    return _delta_at(ch, torch.arange(i, j), cols, dtype)[0]
 
 
 def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, options: Options,
@@ -315,13 +354,14 @@ def _write_file(gguf: Any, reader: Any, path: Path, changes: dict[str, Change], 
     for t in reader.tensors:
         if t.name in changes:
             qtype = out_types[t.name]
-            rows, cols = (int(n) for n in reversed(t.shape.tolist()))
+            rows, cols, _ = _matrix(t)
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             if cols % block:
                 raise UnsupportedAdapterError(f"{t.name}: {cols} columns do not fill {qtype.name} blocks of {block}.")
             nbytes = rows * cols // block * size
             encoded[t.name] = (qtype, (rows, cols), nbytes)
-            writer.add_tensor_info(t.name, (rows, cols), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         else:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, int(t.data.nbytes), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -381,22 +421,14 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
             report.bytes_checked += int(o.data.nbytes)
             continue
         ch = changes[name]
-        rows, cols = (int(n) for n in reversed(t.shape.tolist()))
+        rows, cols, _ = _matrix(t)
         idx = torch.arange(rows) if full else sample_rows(name, rows, SAMPLE_ROWS, 0)
-        W = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data[idx.numpy()], t.tensor_type),
-                                                  dtype=np.float64))
-        dW = torch.zeros(len(idx), cols, dtype=torch.float64)
-        mag = W.abs().clone()
-        depth = 0
-        hf = ch.perm[idx] if ch.perm is not None else idx
-        for m, w in ch.parts:
-            dW += m.take(hf, dtype=torch.float64, weight=w).reshape(len(idx), cols)
-            mag += m.take(hf, dtype=torch.float64, weight=w, magnitude=True).reshape(len(idx), cols)
-            depth += m.delta.depth
+        W = _rows(gguf, t, idx).double()
+        dW, depth = _delta_at(ch, idx, cols, torch.float64)
+        mag = W.abs() + _delta_at(ch, idx, cols, torch.float64, magnitude=True)[0]
         ref = W + dW
         arith = mag * (1.01 * (depth + 2 + len(ch.parts)) * 2.0**-24)
-        written = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(o.data[idx.numpy()], o.tensor_type),
-                                                        dtype=np.float64))
+        written = _rows(gguf, o, idx).double()
         qtype = out_types[name]
         err = (written - ref).abs()
         ulps = 0.0
