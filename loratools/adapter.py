@@ -152,7 +152,16 @@ class Adapter:
         return str(self.meta.get("format", "unknown"))
 
     def parameter_count(self) -> int:
-        n = sum(m.delta.parameter_count() for m in self.modules.values())
+        """Parameters the adapter holds: a tensor that several modules share (an expert's lora_A,
+        shared by its gate and up halves) counted once."""
+        seen: set[tuple] = set()
+        n = 0
+        for m in self.modules.values():
+            for t in m.delta.tensors().values():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                if key not in seen:
+                    seen.add(key)
+                    n += t.numel()
         n += sum(m.magnitude.numel() for m in self.modules.values() if m.magnitude is not None)
         n += sum(m.bias.numel() for m in self.modules.values() if m.bias is not None)
         return n + sum(t.numel() for t in self.replacements.values())

@@ -152,11 +152,18 @@ def test_block_fp8_requantized_as_the_definition_says(tmp_path: Path, scale_dtyp
 def test_block_fp8_to_bf16_drops_scales_and_quantization_config(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     base = make_block_base(tmp_path / "base", g)
+    shard = tmp_path / "base" / "model-00002-of-00002.safetensors"  # a static activation scale beside the weight
+    extra = load_file(str(shard))
+    extra["model.layers.0.mlp.up_proj.input_scale"] = torch.tensor(0.02)
+    save_file(extra, str(shard), metadata={"format": "pt"})
+    index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.up_proj.input_scale"] = shard.name
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(json.dumps(index))
     dW, lora = make_lora(tmp_path / "lora", g)
     out = tmp_path / "out"
     assert loratools.merge(tmp_path / "base", lora, out, dtype="bf16").verify.ok
     got = _read(out)
-    assert not any(k.endswith("_scale_inv") for k in got)
+    assert not any(k.endswith(("_scale_inv", "input_scale")) for k in got)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
     for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"):

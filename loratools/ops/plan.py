@@ -239,6 +239,9 @@ def build_plan(
     tensor_plans: dict[str, TensorPlan] = {}
     quantized = find_quantized(base)
     scales = {q.scale: w for w, q in quantized.items() if isinstance(q, BlockScale)}
+    # static activation scales of FP8 layers: meaningless once the weights are dequantized
+    activation = {w.removesuffix(".weight") + s: w for w in scales.values() if w.endswith(".weight")
+                  for s in (".input_scale", ".activation_scale")} if dtype is not None else {}
     dequantize = dtype is not None and any(isinstance(q, BlockScale) for q in quantized.values())
     for w, q in quantized.items():
         if isinstance(q, UnsupportedAdapterError) and (ops.get(w) or dtype is not None):
@@ -248,6 +251,8 @@ def build_plan(
             info = base.tensors[name]
             out_dtype = info.dtype
             edits = ops.get(name, [])
+            if name in activation and name in base.tensors:
+                continue
             if name in scales:
                 weight = scales[name]
                 if dtype is None and ops.get(weight):  # written again with the requantized weight
