@@ -422,28 +422,32 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
             continue
         ch = changes[name]
         rows, cols, _ = _matrix(t)
-        idx = torch.arange(rows) if full else sample_rows(name, rows, SAMPLE_ROWS, 0)
-        W = _rows(gguf, t, idx).double()
-        dW, depth = _delta_at(ch, idx, cols, torch.float64)
-        mag = W.abs() + _delta_at(ch, idx, cols, torch.float64, magnitude=True)[0]
-        ref = W + dW
-        arith = mag * (1.01 * (depth + 2 + len(ch.parts)) * 2.0**-24)
-        written = _rows(gguf, o, idx).double()
+        idx_all = torch.arange(rows) if full else sample_rows(name, rows, SAMPLE_ROWS, 0)
+        step = max(1, (1 << 20) // max(cols, 1))  # rows per chunk: temporaries stay small in a full check
         qtype = out_types[name]
-        err = (written - ref).abs()
-        ulps = 0.0
-        if qtype.name in FLOATS:
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype.name]
-            bound = ulp(ref, dtype) + arith
-            ulps = float((err / ulp(torch.maximum(W.abs(), dW.abs()), dtype)).max()) if err.numel() else 0.0
-        else:
-            # the package's quantizer on the float64 reference, rounded to float32 as the merge's input was
-            again = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(ref.float().numpy(), qtype), qtype))
-            step = (again.double() - ref).abs().amax(dim=1, keepdim=True)
-            bound = 2 * step + arith + 1e-30
-        bad = int((err > bound).sum()) + int((~torch.isfinite(written)).sum())
-        ratio = float((err / bound).max()) if err.numel() else 0.0
-        report.checks.append(TensorCheck(name, qtype.name, "ok" if bad == 0 else "FAIL", "changed", max_ulps=ulps, rel_err=float(
-            err.max() / max(float(ref.abs().max()), 1e-30)), mismatched=bad, numel=rows * cols, bound_ratio=ratio,
-            sampled=0 if full else len(idx)))
+        bad = 0
+        ulps = ratio = err_max = ref_max = 0.0
+        for c in range(0, len(idx_all), step):
+            idx = idx_all[c:c + step]
+            W = _rows(gguf, t, idx).double()
+            dW, depth = _delta_at(ch, idx, cols, torch.float64)
+            mag = W.abs() + _delta_at(ch, idx, cols, torch.float64, magnitude=True)[0]
+            ref = W + dW
+            arith = mag * (1.01 * (depth + 2 + len(ch.parts)) * 2.0**-24)
+            written = _rows(gguf, o, idx).double()
+            err = (written - ref).abs()
+            if qtype.name in FLOATS:
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype.name]
+                bound = ulp(ref, dtype) + arith
+                ulps = max(ulps, float((err / ulp(torch.maximum(W.abs(), dW.abs()), dtype)).max()))
+            else:
+                # the package's quantizer on the float64 reference (rounded to float32, as the merge's input was)
+                again = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(ref.float().numpy(), qtype), qtype))
+                bound = 2 * (again.double() - ref).abs().amax(dim=1, keepdim=True) + arith + 1e-30
+            bad += int((err > bound).sum()) + int((~torch.isfinite(written)).sum())
+            ratio = max(ratio, float((err / bound).max()))
+            err_max, ref_max = max(err_max, float(err.max())), max(ref_max, float(ref.abs().max()))
+        report.checks.append(TensorCheck(name, qtype.name, "ok" if bad == 0 else "FAIL", "changed", max_ulps=ulps,
+                                         rel_err=err_max / max(ref_max, 1e-30), mismatched=bad, numel=rows * cols,
+                                         bound_ratio=ratio, sampled=0 if full else len(idx_all)))
     return report
