@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick look")
     ap.add_argument("--runs", type=int, default=3, help="runs per contender; the median is printed")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--only", default=None, help="comma-separated labels to run (cp always runs)")
+    ap.add_argument("--only", default=None, help="labels to run, separated by | (or commas where no label has one); cp always runs")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     args = ap.parse_args()
     shape = SHAPES[args.model]
@@ -214,7 +214,7 @@ def main() -> None:
     if not args.skip_peft:
         runs["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     if args.only:
-        wanted = {w.strip() for w in args.only.split(",")}
+        wanted = {w.strip() for w in args.only.split("|" if "|" in args.only else ",")}  # labels hold commas
         runs = {k: v for k, v in runs.items() if k == "cp -r" or k in wanted}
     params = size / 2 / 1e9
     print(f"base: {args.model} shape, {layers} layers, {params:.2f}B parameters, bf16, {size / 1e9:.2f} GB in "

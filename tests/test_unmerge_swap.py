@@ -198,3 +198,38 @@ def test_undo_data_of_earlier_versions_is_still_read(bases, adapters, tmp_path: 
     (tmp_path / "m" / ".loratools").rmdir()
     result = loratools.unmerge(tmp_path / "m", [adapters["dora"]], tmp_path / "u", device="cpu")
     assert result.verify.ok
+
+
+def test_undo_data_of_earlier_versions_still_restores_bit_for_bit(bases, adapters, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reversible merges now form each product in its own buffer (kernels.apply_products) and say so
+    in their undo record ("kernel": "mm-add"); undo data of earlier versions (addmm sums, and no
+    kernel named or "addmm") is still undone with addmm, bit for bit — and a kernel this version
+    does not know is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loratools.ops import kernels, undo
+
+    base, a = bases["llama-bf16"], adapters["all-linear"]
+    # an earlier version's reversible merge: addmm there and back, its record naming no kernel
+    monkeypatch.setattr(kernels, "apply_products", lambda S, W, terms, i, j, P: kernels.apply_block(S, W, terms, i, j))
+    monkeypatch.setattr(kernels, "remove_products", lambda S, out, terms, i, j, P: kernels.apply_block(
+        S, out, [(L, R, -x) for L, R, x in terms], i, j))
+    monkeypatch.setattr(undo, "KERNEL", "addmm")
+    loratools.merge(base, [a], tmp_path / "old", device="cpu", reversible=True)
+    monkeypatch.undo()
+    path = tmp_path / "old" / ".loratools" / "undo.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    record = json.loads(meta["loratools"])
+    assert record.pop("kernel") == "addmm"
+    save_file(tensors, str(path), metadata={**meta, "loratools": json.dumps(record)})
+    loratools.unmerge(tmp_path / "old", [a], tmp_path / "u", device="cpu")
+    original, back = read_tensors(base), read_tensors(tmp_path / "u")
+    for k in original:
+        assert torch.equal(original[k].view(torch.uint8), back[k].view(torch.uint8)), k
+    record["kernel"] = "something-newer"
+    save_file(tensors, str(path), metadata={**meta, "loratools": json.dumps(record)})
+    code, text = run("unmerge", tmp_path / "old", a, tmp_path / "w", "-q")
+    assert code == 1 and "kernel" in text and not (tmp_path / "w").exists()

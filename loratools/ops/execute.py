@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -27,7 +28,7 @@ from ..errors import InternalError, NonFiniteError, VerificationError
 from . import fp8, kernels
 from .edits import CHUNK_ELEMENTS, AddBias, AddDelta, Compute, Dora, Edit, apply_edits, inverse_edits, row_blocks
 from .plan import Plan, ShardPlan, TensorPlan, UndoData
-from .undo import (UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_indices, encode_positions, tensor_sha256,
+from .undo import (KERNEL, UNDO_NAME, RECORD_KEY, UndoSpill, decode_positions, encode_indices, encode_positions, tensor_sha256,
                    undo_dir)
 
 Progress = Callable[[int, int, str], None]
@@ -207,53 +208,120 @@ def _emit_blocks(plan: Plan, t: TensorPlan, src: torch.Tensor, terms: list[kerne
                  warnings: list[str] | None) -> None:
     """The kernel over row blocks, each rounded straight into the writer's buffer. Undo data as
     :func:`compute_tensor` keeps it: with a reversible plan the positions where taking the deltas
-    out again would not give the original bits back (found block by block with the same kernel);
-    for an exact unmerge the stored values put back and the sha256 of the result checked."""
+    out again would not give the original bits back (found block by block with the same additions
+    the exact unmerge will do); for an exact unmerge the stored values put back and the sha256 of
+    the result checked. The sha256 are computed on a worker thread beside the blocks."""
     rows = src.shape[0]
     cols = src.numel() // rows
     W = src.reshape(rows, cols)
-    itemsize = BY_ST[t.out_dtype].itemsize
-    step = kernels.rows_per_block(cols, itemsize, BUFFER_BYTES)
+    step = kernels.rows_per_block(cols, BY_ST[t.out_dtype].itemsize, BUFFER_BYTES)
     if warnings is not None and t.ops and (note := swamp_warning(t, src, first_rows=step)):
         warnings.append(note)
-    S = torch.empty(step * cols, dtype=compute.dtype, device=compute.device)
-    limit = kernels.finite_limit(out_dtype)
     reversible = bool(undo_out is not None and plan.reversible and out_dtype == src.dtype and terms)
-    back_terms = [(L, R, -a) for L, R, a in terms]
+    undo_in = plan.undo_in
+    exact = bool(plan.exact_undo and undo_in is not None and t.name in undo_in.patches)
+    # reversible merges, and the exact unmerges of those made so, keep each product: the check
+    # takes them out of the rounded result again with the same elementwise additions
+    products = reversible or bool(exact and undo_in is not None and undo_in.kernel == KERNEL)
+    blocks = _Blocks(W, terms, step, compute, out_dtype, products)
+    restore = None
+    if exact and undo_in is not None:
+        encoded, values = undo_in.patches[t.name]
+        restore = (decode_positions(encoded, src.numel()), values, BackgroundSha256())
+    original = BackgroundSha256(src.reshape(-1).view(torch.uint8).numpy()) if reversible else None
     kept_at: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
-    undo_in = plan.undo_in
-    exact = plan.exact_undo and undo_in is not None and t.name in undo_in.patches
-    if exact:
-        encoded, values = undo_in.patches[t.name]
-        positions = decode_positions(encoded, src.numel())
-        hasher = hashlib.sha256()
-    writer.begin(t.name, t.out_dtype)
-    for i in range(0, rows, step):
-        j = min(i + step, rows)
-        block = S[:(j - i) * cols].view(j - i, cols)
-        kernels.apply_block(block, W[i:j], terms, i, j)
-        if not kernels.in_range(block, limit):
-            raise _non_finite(plan.operation, t, W[i:j])
-        out = writer.reserve((j - i) * cols * itemsize).view(out_dtype).view(j - i, cols)
-        out.copy_(block)
-        if reversible:
-            kernels.apply_block(block, out, back_terms, i, j)
-            differ = ~_same_bits(block.to(src.dtype).cpu(), W[i:j])
-            if bool(differ.any()):
-                kept_at.append(torch.nonzero(differ).view(-1) + i * cols)
-                kept.append(W[i:j].reshape(-1)[differ].clone())
-        if exact:
-            lo, hi = (int(x) for x in torch.searchsorted(positions, torch.tensor([i * cols, j * cols])))
-            if hi > lo:
-                out.view(-1)[positions[lo:hi] - i * cols] = values[lo:hi].to(out_dtype)
-            hasher.update(out.view(-1).view(torch.uint8).numpy())
-    writer.end()
-    if kept_at and undo_out is not None:
-        undo_out.patches[t.name] = (encode_indices(torch.cat(kept_at), src.numel()), torch.cat(kept))
-        undo_out.sha256[t.name] = hashlib.sha256(src.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-    if exact and hasher.hexdigest() != undo_in.sha256.get(t.name):
+    try:
+        writer.begin(t.name, t.out_dtype)
+        for i, j, block, here in blocks:
+            if not kernels.in_range(block, blocks.limit):
+                raise _non_finite(plan.operation, t, W[i:j])
+            out = writer.reserve((j - i) * cols * blocks.itemsize).view(out_dtype).view(j - i, cols)
+            out.copy_(block)
+            if reversible:
+                kernels.remove_products(block, out, terms, i, j, here)
+                back = block.to(src.dtype).cpu()
+                ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[back.element_size()]
+                at = torch.from_numpy(np.flatnonzero(np.not_equal(back.view(-1).view(ints).numpy(),
+                                                                  W[i:j].reshape(-1).view(ints).numpy())))
+                if at.numel():  # one pass finds them; the values are gathered at those positions only
+                    kept_at.append(at + i * cols)
+                    kept.append(W[i:j].reshape(-1).index_select(0, at))
+            if restore is not None:
+                positions, values, hasher = restore
+                lo, hi = (int(x) for x in torch.searchsorted(positions, torch.tensor([i * cols, j * cols])))
+                if hi > lo:
+                    out.view(-1)[positions[lo:hi] - i * cols] = values[lo:hi].to(out_dtype)
+                hasher.add(out.view(-1).view(torch.uint8).numpy().copy())  # the writer reuses its buffer
+        writer.end()
+    finally:  # the worker may still read src, whose map closes when this returns
+        if original is not None:
+            original.wait()
+        if restore is not None:
+            restore[2].wait()
+    if restore is not None and undo_in is not None and restore[2].hexdigest() != undo_in.sha256.get(t.name):
         raise _not_restored(plan, t)
+    if kept_at and undo_out is not None and original is not None:
+        undo_out.patches[t.name] = (encode_indices(torch.cat(kept_at), src.numel()), torch.cat(kept))
+        undo_out.sha256[t.name] = original.hexdigest()
+
+
+class _Blocks:
+    """The row blocks of one tensor with the edits applied, in a reused float32 (or float64) buffer:
+    (i, j, block, products) — ``products`` the kept products of the mm-add kernel, else empty."""
+
+    def __init__(self, W: torch.Tensor, terms: list[kernels.Term], step: int, compute: Compute,
+                 out_dtype: torch.dtype, products: bool) -> None:
+        self.W, self.terms, self.step, self.products = W, terms, step, products
+        cols = W.shape[1]
+        self.S = torch.empty(step * cols, dtype=compute.dtype, device=compute.device)
+        self.P = [torch.empty(step, cols, dtype=compute.dtype, device=compute.device) for _ in terms] if products else []
+        self.limit = kernels.finite_limit(out_dtype)
+        self.itemsize = torch.empty((), dtype=out_dtype).element_size()
+
+    def __iter__(self) -> Any:
+        rows, cols = self.W.shape
+        for i in range(0, rows, self.step):
+            j = min(i + self.step, rows)
+            block = self.S[:(j - i) * cols].view(j - i, cols)
+            here = [p[:j - i] for p in self.P]
+            if self.products:
+                kernels.apply_products(block, self.W[i:j], self.terms, i, j, here)
+            else:
+                kernels.apply_block(block, self.W[i:j], self.terms, i, j)
+            yield i, j, block, here
+
+
+class BackgroundSha256:
+    """A sha256 fed in order on a worker thread (hashlib releases the GIL while it hashes), so that
+    hashing a tensor overlaps computing it; :meth:`hexdigest` waits for what was fed."""
+
+    _pool: Any = None
+
+    def __init__(self, *first: Any) -> None:
+        self._hash = hashlib.sha256()
+        self._last: Any = None
+        for data in first:
+            self.add(data)
+
+    @classmethod
+    def _worker(cls) -> Any:
+        if cls._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-sha256")
+        return cls._pool
+
+    def add(self, data: Any) -> None:
+        self._last = self._worker().submit(self._hash.update, data)
+
+    def wait(self) -> None:
+        if self._last is not None:
+            self._last.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._hash.hexdigest()
 
 
 def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: bool = True,

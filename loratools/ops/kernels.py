@@ -82,6 +82,26 @@ def apply_block(S: torch.Tensor, W: torch.Tensor, terms: list[Term], i: int, j: 
         S.addmm_(L[i:j], R, alpha=alpha)
 
 
+def apply_products(S: torch.Tensor, W: torch.Tensor, terms: list[Term], i: int, j: int,
+                   products: list[torch.Tensor]) -> None:
+    """S = W[i:j] + Σ α·P with each P = L[i:j] @ R formed in its own buffer (``products``, kept):
+    the kernel of reversible merges and of the exact unmerges that undo them. Taking the terms out
+    again is then :func:`remove_products` — the same elementwise additions, so that the values a
+    reversible merge stores are exactly those an exact unmerge will not give back."""
+    S.copy_(W)
+    for (L, R, alpha), P in zip(terms, products):
+        torch.mm(L[i:j], R, out=P)
+        S.add_(P, alpha=alpha)
+
+
+def remove_products(S: torch.Tensor, out: torch.Tensor, terms: list[Term], i: int, j: int,
+                    products: list[torch.Tensor]) -> None:
+    """S = out (widened) − Σ α·P in the order of the terms (rows i:j): what an exact unmerge computes."""
+    S.copy_(out)
+    for (_, _, alpha), P in zip(terms, products):
+        S.add_(P, alpha=-alpha)
+
+
 def in_range(S: torch.Tensor, limit: float) -> bool:
     """Every value of S finite and below ``limit`` in magnitude (one pass: min and max)."""
     lo, hi = torch.aminmax(S)

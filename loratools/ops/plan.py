@@ -76,6 +76,7 @@ class UndoData:
     patches: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (encoded positions, values)
     sha256: dict[str, str] = field(default_factory=dict)  # of the original bytes of patched tensors
     adapters: list[dict] = field(default_factory=list)  # the merge these belong to
+    kernel: str = "addmm"  # how the merge's low-rank sums were formed (ops/undo.py KERNEL)
 
 
 @dataclass

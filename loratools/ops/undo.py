@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint.reader import UNDO_FILE, Checkpoint
-from ..checkpoint.safetensors_io import StreamWriter, load_tensor, read_header, save_tensors, tensor_bytes
+from ..checkpoint.safetensors_io import StreamWriter, TensorInfo, load_tensor, read_header, save_tensors, tensor_bytes
 from ..errors import CorruptFileError
 from ..jsonio import load_json
 from .plan import UndoData
@@ -111,6 +112,11 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
+# how the low-rank kernel of reversible merges forms its sums (ops/kernels.py apply_products); undo
+# data without it was made by addmm (versions before it), and its exact unmerge uses addmm too
+KERNEL = "mm-add"
+KERNELS = ("addmm", KERNEL)
+
 UNDO_DIR = ".loratools"
 UNDO_NAME = "undo.safetensors"
 
@@ -142,19 +148,48 @@ def read_undo(ckpt: Checkpoint) -> UndoData | None:
     adapters, sha = meta.get("adapters", []), meta.get("sha256", {})
     if not isinstance(adapters, list) or not isinstance(sha, dict):
         raise CorruptFileError(f"{path}: the undo record is damaged.", path=path)
-    undo = UndoData(adapters=list(adapters), sha256=dict(sha))
+    kernel = meta.get("kernel", "addmm")
+    if kernel not in KERNELS:
+        raise CorruptFileError(f"{path}: the undo record names the kernel {kernel!r}, which this version does not know.",
+                               path=path, hint="It was written by a newer loratools; unmerge with that version.")
+    undo = UndoData(adapters=list(adapters), sha256=dict(sha), kernel=kernel)
+    idx: dict[str, TensorInfo] = {}
+    val: dict[str, TensorInfo] = {}
     for key, info in header.tensors.items():
         kind, _, name = key.partition("::")
-        t = load_tensor(info)
         if kind == "norm":
-            undo.norms[name] = t
+            undo.norms[name] = load_tensor(info)
         elif kind == "original":
-            undo.originals[name] = t
+            undo.originals[name] = load_tensor(info)
         elif kind == "patch_idx":  # kept encoded (indices or bit mask); decoded where it is applied
-            undo.patches[name] = (t, undo.patches.get(name, (None, None))[1])  # type: ignore[arg-type]
+            idx[name] = info
         elif kind == "patch_val":
-            undo.patches[name] = (undo.patches.get(name, (None, None))[0], t)  # type: ignore[arg-type]
+            val[name] = info
+    if set(idx) != set(val):
+        odd = sorted(set(idx) ^ set(val))[0]
+        raise CorruptFileError(f"{path}: the undo data of {odd} lacks its positions or its values.", path=path)
+    undo.patches = StoredPatches(idx, val)  # type: ignore[assignment]
     return undo
+
+
+class StoredPatches(Mapping):
+    """The patches of undo data as a mapping that reads one tensor's (positions, values) from the
+    file when it is asked for: an exact unmerge holds one tensor's patches at a time, not all."""
+
+    def __init__(self, idx: dict[str, TensorInfo], val: dict[str, TensorInfo]) -> None:
+        self._idx, self._val = idx, val
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_tensor(self._idx[name]), load_tensor(self._val[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._idx
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._idx)
+
+    def __len__(self) -> int:
+        return len(self._idx)
 
 
 def undo_tensors(undo: UndoData) -> dict[str, torch.Tensor]:
@@ -202,7 +237,7 @@ class UndoSpill:
         if not self.parts:
             return 0
         infos = sorted((info for p in self.parts for info in read_header(p).tensors.values()), key=lambda i: i.name)
-        meta = {"adapters": adapters, "sha256": self.sha256}
+        meta = {"adapters": adapters, "sha256": self.sha256, "kernel": KERNEL}
         writer = StreamWriter(path, [(i.name, i.dtype, i.shape) for i in infos],
                               {RECORD_KEY: json.dumps(meta, separators=(",", ":"))})
         by_name = {i.name: i for i in infos}
