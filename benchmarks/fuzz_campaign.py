@@ -243,6 +243,49 @@ def build_seeds(root: Path) -> dict[str, Seed]:
     save_file(own, str(root / "raw_self" / "model_with_lora.safetensors"))
     seeds["raw_self"] = Seed("raw_self", "raw", "adapter", "model_with_lora.safetensors",
                              [("model_with_lora.safetensors", "safetensors")])
+    # an FP8 block-quantized base (DeepSeek/Qwen3-FP8 layout: codes and weight_scale_inv, 8×8 blocks here)
+    fp8 = root / "base_fp8"
+    base_files(fp8)
+    cfg = dict(BASE_CONFIG, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                 "weight_block_size": [8, 8]})
+    (fp8 / "config.json").write_text(json.dumps(cfg, indent=2))
+    q: dict = {}
+    for n, t in base_sd.items():
+        if t.dim() == 2 and n.startswith("model.layers"):
+            rows, cols = t.shape
+            blocks = t.reshape(rows // 8, 8, cols // 8, 8)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            q[n] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+            q[n + "_scale_inv"] = scale.float()
+        else:
+            q[n] = t
+    save_file(q, str(fp8 / "model.safetensors"), {"format": "pt"})
+    seeds["base_fp8"] = Seed("base_fp8", "base-fp8", "base", "", [("model.safetensors", "safetensors"),
+                                                                  ("config.json", "json")])
+    # a llama.cpp model (GGUF), as convert_hf_to_gguf.py writes it: names from the package, q/k permuted
+    import gguf
+
+    (root / "base_gguf").mkdir()
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    w = gguf.GGUFWriter(str(root / "base_gguf" / "model.gguf"), "llama")
+    w.add_block_count(LAYERS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(INTER)
+    for n, t in base_sd.items():
+        a = t.numpy()
+        heads = HEADS if n.endswith("q_proj.weight") else KV if n.endswith("k_proj.weight") else 0
+        if heads:
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        gname = tmap.get_name(n, try_suffixes=(".weight",))
+        if gname is not None:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    seeds["base_gguf"] = Seed("base_gguf", "base-gguf", "base", "model.gguf", [("model.gguf", "gguf")])
     return seeds
 
 
@@ -916,6 +959,14 @@ def _edit_gguf(path: Path, kv: dict | None = None, drop: tuple = ()) -> None:
     _gguf_write(path, arch, fields, tensors)
 
 
+def _gguf_edit(path: Path, change: Callable[[dict], Any]) -> None:
+    """Rewrite a GGUF file with ``change`` applied to its tensors (name → writable numpy array)."""
+    arch, kv, tensors = _gguf_spec(path)
+    tensors = {k: v.copy() for k, v in tensors.items()}
+    change(tensors)
+    _gguf_write(path, arch, kv, tensors)
+
+
 def _peft_sd(folder: Path, change: Callable[[dict], Any]) -> None:
     _edit_tensors(folder / "adapter_model.safetensors", change)
 
@@ -1037,6 +1088,17 @@ CORPUS = [
                lambda d: _edit_gguf(d / "adapter.gguf", {"loratools.hf_names": "not json"})),
     CorpusCase("gguf-alpha-string", "gguf", "info", "CorruptFileError", "adapter.lora.alpha",
                lambda d: _edit_gguf(d / "adapter.gguf", {"adapter.lora.alpha": "big"})),
+    CorpusCase("gguf-base-int-tensor", "base_gguf", "merge", "UnsupportedAdapterError", "not floating point",
+               lambda d: _gguf_edit(d / "model.gguf", lambda t: t.update(
+                   {"blk.0.attn_v.weight": t["blk.0.attn_v.weight"].astype("int32")})),
+               "the gguf package has no dequantizer for I32: it raised NotImplementedError"),
+    CorpusCase("gguf-base-nan", "base_gguf", "merge", "NonFiniteError", "already holds non-finite",
+               lambda d: _gguf_edit(d / "model.gguf", lambda t: t["blk.0.attn_q.weight"].__setitem__((0, 0), float("nan")))),
+    CorpusCase("fp8-block-size-unknown", "base_fp8", "merge", "UnsupportedAdapterError", "weight_block_size",
+               lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].pop("weight_block_size") and None)),
+    CorpusCase("fp8-e5m2-codes", "base_fp8", "merge", "UnsupportedAdapterError", "e4m3",
+               lambda d: _edit_tensors(d / "model.safetensors", lambda sd: sd.update(
+                   {k: v.float().to(__import__("torch").float8_e5m2) for k, v in sd.items() if v.element_size() == 1}))),
     CorpusCase("gguf-heads-do-not-divide", "gguf", "merge", "CorruptFileError", "cannot split",
                lambda d: _edit_gguf(d / "adapter.gguf", {"loratools.n_head": 3})),
     CorpusCase("gguf-heads-negative", "gguf", "load", "CorruptFileError", "loratools.n_head",
@@ -1189,7 +1251,9 @@ def ops_for(case: Case, seeds_root: Path) -> dict[str, Callable[[Path], Any]]:
             "load": lambda out: loratools.load_adapter(peft, base=mbase),
             "info": info,
             "convert": lambda out: loratools.convert(peft, out, to="gguf", base=mbase),
-            "merge": lambda out: loratools.merge(mbase, [peft], out),
+            # a llama.cpp model is merged into a .gguf file
+            "merge": lambda out: loratools.merge(mbase, [peft], out.with_name(out.name + ".gguf")
+                                                 if mbase.suffix == ".gguf" else out),
         }
     adapter = case.target
 

@@ -330,7 +330,7 @@ def _tensor(t: Any, f: Path) -> torch.Tensor:
             raw = _gguf().quants.dequantize(np.asarray(t.data), t.tensor_type)
         else:
             raw = np.asarray(t.data, dtype=FLOAT_TYPES[kind])
-        data = np.asarray(raw, dtype=np.float32).reshape(shape)
+        data = np.array(raw, dtype=np.float32).reshape(shape)  # a writable copy: the file's map is read-only
     except (ValueError, TypeError, AssertionError):
         raise CorruptFileError(f"{f}: tensor {clip(t.name)} does not hold {shape} values.", path=f,
                                tensor=t.name) from None

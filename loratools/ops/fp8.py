@@ -352,7 +352,7 @@ def e4m3_step(x: torch.Tensor) -> torch.Tensor:
 def refuse_unless_requantizable(bs: BlockScale, dtype: str, path: object) -> None:
     if dtype != "F8_E4M3":
         raise UnsupportedAdapterError(
-            f"{bs.weight} is {dtype} with scales ({bs.scale}): loratools requantizes only float8_e4m3fn (scale = "
+            f"{path}: {bs.weight} is {dtype} with scales ({bs.scale}): loratools requantizes only float8_e4m3fn (scale = "
             "block max / 448), so it cannot write this weight back as FP8.",
             tensor=bs.weight, path=path,
             hint="Pass --dtype bf16 to write the merged weights dequantized.")

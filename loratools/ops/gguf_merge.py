@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..adapter import Adapter, LoraModule
-from ..errors import CorruptFileError, InvalidArgumentError, UnsupportedAdapterError, VerificationError
+from ..errors import CorruptFileError, InvalidArgumentError, NonFiniteError, UnsupportedAdapterError, VerificationError
 from ..jsonio import clip
 from ..options import Options
 from .execute import Result
@@ -167,6 +167,18 @@ def plan_changes(adapters: list[tuple[Adapter, float]], config: dict, tensors: d
     return changes
 
 
+def _dequantizable(gguf: Any, qtype: Any) -> bool:
+    """Whether the ``gguf`` package can read this type as numbers (not the integer types)."""
+    if qtype.name.startswith("I") and qtype.name[1:].isdigit():
+        return False
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+    except (NotImplementedError, gguf.quants.QuantError, KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
 def _quantizable(gguf: Any, qtype: Any) -> bool:
     """Whether the ``gguf`` package can quantize this type (it dequantizes many more)."""
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -207,7 +219,7 @@ def _rows(gguf: Any, t: Any, i: int | torch.Tensor, j: int | None = None) -> tor
     package where quantized."""
     _, _, data = _matrix(t)
     part = data[i:j] if j is not None else data[i.numpy()]
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float32))
+    return torch.from_numpy(np.array(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float32))  # writable
 
 
 def _delta_at(ch: Change, idx: torch.Tensor, cols: int, dtype: torch.dtype, *, magnitude: bool = False
@@ -256,6 +268,12 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
     for name, ch in changes.items():
         t = tensors[name]
         qtype = t.tensor_type
+        if qtype.name not in FLOATS and not _dequantizable(gguf, qtype):
+            raise UnsupportedAdapterError(
+                f"{name} in {base} is stored as {qtype.name}: "
+                f"{'not floating point' if qtype.name.startswith('I') else 'a type the gguf package cannot read'}, so "
+                "an adapter cannot be added to it.", tensor=name, path=base,
+                hint="Check that BASE is the model the adapter was made for.")
         if forced is not None:
             out_types[name] = gguf.GGMLQuantizationType[forced]
         elif qtype.name in FLOATS or _quantizable(gguf, qtype):
@@ -284,7 +302,8 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
         written = 0
         for n, (reader, fname) in enumerate(zip(readers, names)):
             path = tmp / fname if len(files) > 1 else tmp / out.name
-            _write_file(gguf, reader, path, changes, out_types, record if n == 0 else None, stats, options)
+            _write_file(gguf, reader, path, changes, out_types, record if n == 0 else None, stats, options,
+                        source=files[n])
             written += path.stat().st_size
         result.bytes_written = written
         result.changed = sorted(changes)
@@ -343,10 +362,11 @@ def _copy_fields(writer: Any, reader: Any, gguf: Any) -> None:
         writer.add_key_value(name, f.contents(), vtype, sub_type=sub)
 
 
-def _write_file(gguf: Any, reader: Any, path: Path, changes: dict[str, Change], out_types: dict[str, Any],
-                record: str | None, stats: dict[str, float], options: Options) -> None:
+def _write_file(gguf: Any, reader: Any, out: Path, changes: dict[str, Change], out_types: dict[str, Any],
+                record: str | None, stats: dict[str, float], options: Options, *, source: Path) -> None:
+    path = source  # what messages name: the model file the tensor comes from
     arch = _field(reader, "general.architecture") or "llama"
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(out), arch)
     _copy_fields(writer, reader, gguf)
     if record is not None:
         writer.add_string(RECORD_KEY, record)
@@ -377,10 +397,16 @@ def _write_file(gguf: Any, reader: Any, path: Path, changes: dict[str, Change], 
         parts, err_sq, val_sq = [], 0.0, 0.0
         for i in range(0, rows, step):
             j = min(i + step, rows)
-            exact = _rows(gguf, t, i, j) + _delta_rows(ch, i, j, cols, torch.float32)
+            W = _rows(gguf, t, i, j)
+            exact = W + _delta_rows(ch, i, j, cols, torch.float32)
             if not bool(torch.isfinite(exact).all()):
-                raise InvalidArgumentError(f"merge would write NaN or Inf into {t.name}; nothing was written.",
-                                           hint="Check the adapter weights.")
+                held = not bool(torch.isfinite(W).all())
+                raise NonFiniteError(
+                    f"merge would write NaN or Inf into {t.name} (from {path})"
+                    f"{': the model tensor already holds non-finite values' if held else ''}; nothing was written.",
+                    tensor=t.name, path=path,
+                    hint="The GGUF model is damaged." if held else "Check the adapter weights (a weight far too "
+                    "large overflows float32).")
             data = _encode(gguf, exact, qtype)
             if data.dtype == np.float16 and not np.isfinite(data).all():
                 raise InvalidArgumentError(f"merge: {t.name} overflows F16; nothing was written.",
