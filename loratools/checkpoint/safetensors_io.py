@@ -395,7 +395,7 @@ class StreamWriter:
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *,
-                 fingerprints: bool = True):
+                 fingerprints: bool = True, after: dict[str, str] | None = None):
         from .stream import BUFFER_BYTES, Stage
 
         entries = list(entries)
@@ -410,6 +410,8 @@ class StreamWriter:
             header[name] = None
         self.order: list[str] = [e[0] for e in sorted(entries, key=lambda e: -BY_ST[e[1]].itemsize)]
         planned = {name: (dtype, tuple(int(s) for s in shape)) for name, dtype, shape in entries}
+        if after:
+            self.order = _placed_after(self.order, planned, after)
         offset = 0
         self._expected: list[tuple[str, str, int]] = []
         self.offsets: dict[str, tuple[int, int]] = {}  # name → (begin, end), relative to the data start
@@ -503,6 +505,28 @@ class StreamWriter:
     def abort(self) -> None:
         self._stage.abort()
         self._f.close()
+
+
+def _placed_after(order: list[str], planned: dict[str, tuple[str, tuple[int, ...]]],
+                  after: dict[str, str]) -> list[str]:
+    """``order`` with each entry of ``after`` (name → the name it should follow) moved right behind
+    that one — when every tensor still starts at a multiple of its item size; else ``order``.
+    (An FP8 weight's scales are computed with the weight: written after it, they need no second
+    pass.)"""
+    moved = [n for n in order if n not in after or after[n] not in planned]
+    for name in [n for n in order if n in after and after[n] in planned]:
+        moved.insert(moved.index(after[name]) + 1, name)
+    offset = 0
+    for name in moved:
+        dtype, shape = planned[name]
+        size = BY_ST[dtype].itemsize
+        if offset % size:
+            return order
+        n = size
+        for d in shape:
+            n *= d
+        offset += n
+    return moved
 
 
 def _internal(message: str) -> InternalError:

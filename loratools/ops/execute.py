@@ -352,7 +352,8 @@ def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: boo
                 new_grid[fp8.scale_slice(bs, i, j)] = new.cpu()
                 if codes:
                     result[i:j] = q.cpu()
-                fp8.tally(stats, bs, W.cpu(), exact.cpu(), q.cpu(), new.cpu(), old)
+                if codes:  # the statistics once, with the weight (not again for a scale written first)
+                    fp8.tally(stats, bs, W.cpu(), exact.cpu(), q.cpu(), new.cpu(), old)
             else:
                 block = exact.to(out_dtype)
                 if block.is_floating_point() and not _finite(block):
@@ -361,7 +362,8 @@ def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: boo
         src = None  # noqa: F841
     if requant:
         plan.quant.scales[t.name] = new_grid
-        plan.quant.stats[t.name] = stats
+        if codes:
+            plan.quant.stats[t.name] = stats
         return result, new_grid.reshape(bs.info.shape)
     return result, None
 
@@ -446,7 +448,8 @@ def write_plan(
         path = folder / (single_name or shard.filename)
         by_name = {t.name: t for t in shard.tensors}
         writer = StreamWriter(path, [(t.name, t.out_dtype, t.source.shape) for t in shard.tensors], base_meta,
-                              fingerprints=fingerprints)
+                              fingerprints=fingerprints,
+                              after={t.name: t.scale_of for t in shard.tensors if t.scale_of is not None})
         try:
             for name in writer.order:
                 t = by_name[name]
