@@ -342,3 +342,35 @@ def test_moe_expert_lora_into_a_gguf_model_and_as_a_gguf_adapter(tmp_path: Path)
     for k, m in orig.modules.items():
         x, y = back.modules[k].delta.matrix(dtype=torch.float64), m.delta.matrix(dtype=torch.float64)
         assert torch.allclose(x, y, rtol=0, atol=1e-6 * max(1.0, float(y.abs().max()))), k
+
+
+def test_verify_reads_gguf_merges(llama: dict, tmp_path: Path) -> None:
+    """loratools verify BASE.gguf ADAPTER MERGED.gguf: a loratools merge, and one written F16 where the
+    base was Q8_0 (what llama.cpp's export-lora writes), pass; a changed value or a tensor added
+    behind loratools' back fails, named."""
+    tmp, cfg = llama["tmp"], llama["cfg"]
+    to_gguf(llama["base"], cfg, tmp_path / "b8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    loratools.merge(tmp_path / "b8.gguf", tmp / "lora", tmp_path / "m8.gguf")
+    loratools.merge(tmp_path / "b8.gguf", tmp / "lora", tmp_path / "m16.gguf", dtype="fp16")
+    for merged in ("m8.gguf", "m16.gguf"):
+        res = CliRunner().invoke(cli, ["verify", str(tmp_path / "b8.gguf"), str(tmp / "lora"), str(tmp_path / merged)])
+        assert res.exit_code == 0, res.output
+    # the merged F16 file with one value changed, and a tensor added: both named
+    r = gguf.GGUFReader(str(tmp_path / "m16.gguf"))
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    w.add_block_count(2)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    for t in r.tensors:
+        data = np.array(t.data)
+        if t.name == "blk.0.attn_v.weight":
+            data = data.copy()
+            data[3, 5] += np.float16(0.25)
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.add_tensor("blk.0.extra.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "b8.gguf"), str(tmp / "lora"), str(tmp_path / "bad.gguf")])
+    assert res.exit_code == 1 and "blk.0.attn_v.weight" in res.output and "blk.0.extra.weight" in res.output

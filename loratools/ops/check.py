@@ -34,6 +34,14 @@ def verify_checkpoint(
     A diffusers pipeline folder is verified component by component (tensor names ``unet/…``)."""
     opts = Options.build(**options)  # type: ignore[arg-type]
     ws = check_weights(weights, len(adapters))
+    from .gguf_merge import is_gguf, verify_gguf
+
+    if is_gguf(base):  # a llama.cpp model, merged by loratools or by llama.cpp's export-lora
+        if forward:
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError("--forward does not apply to GGUF models: every element is checked.")
+        return verify_gguf(Path(base), list(adapters), list(ws), Path(resolve(merged)), opts)
     opened = open_base(base)
     merged_path = Path(resolve(merged))
     inputs = bind_groups(opened, [AdapterGroup(adapters, ws, 1.0)], opts)

@@ -447,6 +447,9 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
             report.bytes_checked += int(o.data.nbytes)
             continue
         ch = changes[name]
+        if list(o.shape) != list(t.shape):
+            report.checks.append(TensorCheck(name, o.tensor_type.name, "FAIL", "shape"))
+            continue
         rows, cols, _ = _matrix(t)
         idx_all = torch.arange(rows) if full else sample_rows(name, rows, SAMPLE_ROWS, 0)
         step = max(1, (1 << 20) // max(cols, 1))  # rows per chunk: temporaries stay small in a full check
@@ -476,4 +479,35 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
         report.checks.append(TensorCheck(name, qtype.name, "ok" if bad == 0 else "FAIL", "changed", max_ulps=ulps,
                                          rel_err=err_max / max(ref_max, 1e-30), mismatched=bad, numel=rows * cols,
                                          bound_ratio=ratio, sampled=0 if full else len(idx_all)))
+    return report
+
+
+def verify_gguf(base: Path, adapters: list[Any], weights: list[float], merged: Path, options: Options) -> Any:
+    """``loratools verify BASE.gguf ADAPTER… MERGED.gguf``: every tensor of MERGED against BASE + Σ
+    wᵢ·ΔWᵢ — changed ones at every row in float64, each in the type MERGED stores it (llama.cpp's
+    export-lora writes F16 where the base was quantized: held to F16's rounding), the others byte
+    for byte; tensors missing from MERGED or extra in it fail."""
+    from ..formats import read_adapter
+    from ..hub import resolve
+    from ..verify import TensorCheck
+
+    from ..formats.gguf_lora import _gguf
+
+    gguf = _gguf()
+    files = split_files(base)
+    readers = _readers(files)
+    config = model_config(readers[0], base)
+    tensors = {t.name: t for r in readers for t in r.tensors}
+    read = []
+    for ref, w in zip(adapters, weights):
+        a = ref if isinstance(ref, Adapter) else read_adapter(resolve(ref, kind="adapter"), format=options.from_format,
+                                                              base_config=config, allow_skip=options.allow_skip)
+        read.append((a, float(w)))
+    changes = plan_changes(read, config, tensors, base)
+    outs = split_files(merged)
+    got = {t.name: t for r in _readers(outs) for t in r.tensors}
+    out_types = {name: got[name].tensor_type for name in changes if name in got}
+    report = _check(gguf, outs, tensors, changes, out_types, full=True)
+    for name in sorted(set(got) - set(tensors)):
+        report.checks.append(TensorCheck(name, got[name].tensor_type.name, "FAIL", "extra"))
     return report
