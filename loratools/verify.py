@@ -323,8 +323,8 @@ def check_quantized(plan: Plan, t: TensorPlan, written: TensorInfo, new_grid: to
             amax = part if amax is None else torch.cat([amax, part], dim=0 if not bs.lead else 0)
     if full and requant and amax is not None:
         want = amax.reshape(bs.grid) / fp8.E4M3_MAX
-        lo = fp8.round_up_scales(want * (1 - 2.0**-20), new_grid.dtype).double()
-        hi = fp8.round_up_scales(want * (1 + 2.0**-20), new_grid.dtype).double()
+        lo = fp8.round_up_scales(want * (1 - 2.0**-20), new_grid.dtype, bs.pow2).double()
+        hi = fp8.round_up_scales(want * (1 + 2.0**-20), new_grid.dtype, bs.pow2).double()
         have = new_grid.double()
         zero = want == 0
         tally.bad += int((((have < lo) | (have > hi)) & ~zero).sum())

@@ -269,8 +269,8 @@ def test_a_wrong_requantizer_is_caught(tmp_path: Path, monkeypatch: pytest.Monke
     _, lora = make_lora(tmp_path / "lora", g)
     real = fp8.quantize
 
-    def off_by_a_bit(W, block, scale_dtype, keep=None):
-        codes, scales = real(W, block, scale_dtype, keep)
+    def off_by_a_bit(W, block, scale_dtype, keep=None, pow2=False):
+        codes, scales = real(W, block, scale_dtype, keep, pow2)
         return (codes.float() * 1.25).to(codes.dtype), scales
 
     monkeypatch.setattr(fp8, "quantize", off_by_a_bit)
@@ -361,3 +361,22 @@ def test_tiny_qwen3_fp8_merge_loads_in_transformers_and_matches_peft(qwen_fp8: d
     for k, v in qwen_fp8["peft"].items():
         assert torch.allclose(plain[k], v, rtol=1e-5, atol=1e-6), k
     assert "quantization_config" not in json.loads((tmp / "merged-fp32" / "config.json").read_text())
+
+
+def test_ue8m0_scale_format_keeps_power_of_two_scales(tmp_path: Path) -> None:
+    """DeepSeek-V3.1 stores float32 scales but declares scale_fmt "ue8m0": its kernels want powers of
+    two, so requantized scales are rounded up to the next power of two, still stored as float32."""
+    g = torch.Generator().manual_seed(8)
+    base = make_block_base(tmp_path / "base", g)
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    dW, lora = make_lora(tmp_path / "lora", g)
+    assert loratools.merge(tmp_path / "base", lora, tmp_path / "out", verify="full").verify.ok
+    got = _read(tmp_path / "out")
+    name = "model.layers.0.mlp.up_proj.weight"
+    s = got[name + "_scale_inv"]
+    assert s.dtype == torch.float32
+    exact = dequantize64(base["W"][name], base["s"][name], BLOCK) + dW
+    _, want = quantize64(exact, BLOCK, torch.float8_e8m0fnu)  # the definition: the next power of two up
+    assert torch.equal(s.double(), want)

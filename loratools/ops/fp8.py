@@ -49,6 +49,7 @@ class BlockScale:
     lead: tuple[int, ...] = ()  # leading dimensions with scales of their own (fused experts)
     per_tensor: bool = False  # one scale for the whole tensor (whatever its shape)
     info_weight_shape: tuple[int, ...] = ()
+    pow2: bool = False  # scales must be powers of two (e8m0 storage, or quantization_config.scale_fmt "ue8m0")
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -118,6 +119,13 @@ def _config_block(config: dict) -> tuple[int, int] | None:
     return None
 
 
+def _scale_fmt(config: dict) -> object:
+    """DeepSeek-V3.1's ``quantization_config.scale_fmt``: "ue8m0" asks for power-of-two scales
+    (DeepGEMM's kernels) even where they are stored as float32."""
+    qc = config.get("quantization_config")
+    return qc.get("scale_fmt") if isinstance(qc, dict) else None
+
+
 def find_quantized(ckpt: Checkpoint) -> dict[str, BlockScale | UnsupportedAdapterError]:
     """Every FP8 weight of ``ckpt`` that has a scale tensor beside it, with the block its scales
     cover — or, where that cannot be told from shapes and config, the error to raise if the weight
@@ -137,7 +145,8 @@ def find_quantized(ckpt: Checkpoint) -> dict[str, BlockScale | UnsupportedAdapte
         except UnsupportedAdapterError as e:
             found[name] = e
             continue
-        found[name] = BlockScale(name, scale_name, sinfo, block, lead, per_tensor, tuple(info.shape))
+        found[name] = BlockScale(name, scale_name, sinfo, block, lead, per_tensor, tuple(info.shape),
+                                 pow2=sinfo.dtype == "F8_E8M0" or _scale_fmt(ckpt.config) == "ue8m0")
     return found
 
 
@@ -230,10 +239,10 @@ def block_amax(W: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return view.amax(dim=(-3, -1))
 
 
-def round_up_scales(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def round_up_scales(exact: torch.Tensor, dtype: torch.dtype, pow2: bool = False) -> torch.Tensor:
     """``exact`` (float32/64, ≥ 0) rounded up to ``dtype``: the smallest representable s ≥ exact,
-    so that |W'| / s ≤ 448 (no saturation). e8m0: the next power of two."""
-    if dtype == torch.float8_e8m0fnu:
+    so that |W'| / s ≤ 448 (no saturation). e8m0 (or ``pow2``): the next power of two."""
+    if dtype == torch.float8_e8m0fnu or pow2:
         e = torch.ceil(torch.log2(exact.double().clamp_min(2.0**-127)))
         return torch.exp2(e).to(dtype)
     s = exact.to(dtype)
@@ -245,14 +254,14 @@ def round_up_scales(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(W: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype,
-             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             keep: torch.Tensor | None = None, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes float8_e4m3fn, scales in ``scale_dtype``) for W (…, rows, cols): per block
     s = max|W| / 448 rounded up, q = W / s rounded to nearest even. An all-zero block keeps the
     scale given in ``keep`` (its original one) or 1. ``block`` may cover a band's whole rows."""
     rows, cols = W.shape[-2:]
     amax = block_amax(W, block)
     exact = amax.double() / E4M3_MAX
-    scales = round_up_scales(exact, scale_dtype)
+    scales = round_up_scales(exact, scale_dtype, pow2)
     zero = amax == 0
     if bool(zero.any()):
         fill = keep.to(scale_dtype) if keep is not None else torch.ones_like(scales.float()).to(scale_dtype)
@@ -306,9 +315,9 @@ def quantize_band(bs: BlockScale, W: torch.Tensor, scale_dtype: torch.dtype,
                   keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if bs.per_tensor:
         flat = W.reshape(1, -1)
-        codes, scales = quantize(flat, (1, flat.shape[1]), scale_dtype, keep.reshape(1, 1))
+        codes, scales = quantize(flat, (1, flat.shape[1]), scale_dtype, keep.reshape(1, 1), bs.pow2)
         return codes.reshape(W.shape), scales.reshape(1, 1)
-    return quantize(W, bs.block, scale_dtype, keep)
+    return quantize(W, bs.block, scale_dtype, keep, bs.pow2)
 
 
 STAT_ELEMENTS = 1 << 16  # elements per band the statistics are taken on (a row sample: they are estimates)
