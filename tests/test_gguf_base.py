@@ -186,6 +186,15 @@ def test_split_base_written_as_the_same_splits(llama: dict) -> None:
     for o, b in zip(outs, parts):  # each split holds the base split's tensors, in order
         assert [t.name for t in gguf.GGUFReader(str(o)).tensors] == [t.name for t in gguf.GGUFReader(str(b)).tensors]
         assert gguf.GGUFReader(str(o)).fields["split.count"].contents() == len(parts)
+    import shutil
+
+    shutil.copy(parts[0], tmp / "split" / "keep.gguf")
+    for args in (["--overwrite"], []):  # OUT named so that its splits would be BASE's own files: refused
+        res = CliRunner().invoke(cli, ["merge", str(parts[0]), str(tmp / "lora"), str(tmp / "split" / "base.gguf"),
+                                       *args])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert parts[0].read_bytes() == (tmp / "split" / "keep.gguf").read_bytes()
+    (tmp / "split" / "keep.gguf").unlink()
     to_gguf(llama["base"], cfg, tmp / "whole.gguf")
     loratools.merge(tmp / "whole.gguf", tmp / "lora", tmp / "whole-out.gguf")
     single, split = read_gguf(tmp / "whole-out.gguf"), read_gguf(*outs)

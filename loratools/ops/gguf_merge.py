@@ -319,7 +319,7 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
         return result
 
     if len(files) > 1:
-        result = _commit_split(out, names, options, write)
+        result = _commit_split(out, names, options, write, base)
     else:
         result = commit(out, options, write=write, single_file=True)
     result.out = out if len(files) == 1 else out.parent / names[0]
@@ -332,12 +332,17 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
     return result
 
 
-def _commit_split(out: Path, names: list[str], options: Options, write: Any) -> Result:
+def _commit_split(out: Path, names: list[str], options: Options, write: Any, base: Path) -> Result:
     """A split OUT: all files written in one temporary folder beside them, then moved into place."""
     from ..pipeline import commit
 
     folder = out.parent
     final = [folder / n for n in names]
+    inputs = {p.resolve() for p in split_files(base)}
+    for p in final:
+        if p.resolve() in inputs:
+            raise InvalidArgumentError(f"OUT would write {p}, a file of BASE: inputs are never modified.", path=p,
+                                       hint="Give OUT another name or folder.")
     clash = [p for p in final if p.exists()]
     if clash and not options.overwrite:
         raise InvalidArgumentError(f"{clash[0]} already exists; nothing was written.", hint="Pass --overwrite to replace it.")
