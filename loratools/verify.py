@@ -294,6 +294,8 @@ def check_quantized(plan: Plan, t: TensorPlan, written: TensorInfo, new_grid: to
     if k is None or bs.per_tensor or any(e.whole for e in t.ops):
         everything = torch.arange(rows)
         step = max(1, VERIFY_CHUNK // max(1, numel // max(rows, 1)))
+        if not bs.per_tensor and not bs.lead:  # whole blocks of rows per chunk: each block's max in one piece
+            step = max(bs.block[0], step // bs.block[0] * bs.block[0])
         chunks = [everything[i:i + step] for i in range(0, rows, step)]
         full = True
     else:
@@ -318,9 +320,12 @@ def check_quantized(plan: Plan, t: TensorPlan, written: TensorInfo, new_grid: to
         top = (ref / s).abs()
         if top.numel() and float(top.max()) > fp8.E4M3_MAX * (1 + 2.0**-20):
             tally.bad += 1  # a scale too small for its block: the value would have saturated
-        if full:
-            part = fp8.block_amax(ref, bs.block) if not bs.per_tensor else ref.abs().max().reshape(1, 1)
-            amax = part if amax is None else torch.cat([amax, part], dim=0 if not bs.lead else 0)
+        if full and bs.per_tensor:
+            part = ref.abs().max().reshape(1, 1)
+            amax = part if amax is None else torch.maximum(amax, part)
+        elif full:
+            part = fp8.block_amax(ref, bs.block)
+            amax = part if amax is None else torch.cat([amax, part], dim=0)
     if full and requant and amax is not None:
         want = amax.reshape(bs.grid) / fp8.E4M3_MAX
         lo = fp8.round_up_scales(want * (1 - 2.0**-20), new_grid.dtype, bs.pow2).double()

@@ -380,3 +380,23 @@ def test_ue8m0_scale_format_keeps_power_of_two_scales(tmp_path: Path) -> None:
     exact = dequantize64(base["W"][name], base["s"][name], BLOCK) + dW
     _, want = quantize64(exact, BLOCK, torch.float8_e8m0fnu)  # the definition: the next power of two up
     assert torch.equal(s.double(), want)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_full_check_of_a_weight_larger_than_one_check_chunk(tmp_path: Path, per_tensor: bool) -> None:
+    """--verify-full goes through a weight in chunks (1 M elements): each block's scale is still
+    checked against its whole block's max, and a per-tensor scale against the whole tensor's."""
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(1100, 1024, generator=g, dtype=torch.float64) * 0.05
+    block = (1100, 1024) if per_tensor else BLOCK
+    q, sc = quantize64(W, block)
+    (tmp_path / "base").mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": q.to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.up_proj.weight_scale_inv": sc.float().reshape(()) if per_tensor else sc.float()},
+              str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": list(BLOCK)}}))
+    _, lora = make_lora(tmp_path / "lora", g, shape=(1100, 1024))
+    assert loratools.merge(tmp_path / "base", lora, tmp_path / "out", verify="full").verify.ok
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "base"), str(lora), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
