@@ -242,3 +242,25 @@ def test_gpt_oss_swapped_peft_layout_and_square_experts(tmp_path: Path) -> None:
     adapter(tmp_path / "sq-lora", {"gate_up_proj": (32, 32)})
     res = CliRunner().invoke(cli, ["merge", str(tmp_path / "square"), str(tmp_path / "sq-lora"), str(tmp_path / "o")])
     assert res.exit_code == 1 and "square" in res.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("targets", [["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]])
+def test_llama4_experts_fused_on_disk_merge_like_peft(tmp_path: Path, targets: list[str]) -> None:
+    """Llama 4 keeps its experts fused on disk too, (E, H, 2I) and (E, I, H), and PEFT reads them the
+    swapped way (no is_transposed): lora_A (r·E, 2I), lora_B (H, r·E), stored ΔW_e = B_e A_e. Merged
+    as PEFT's merge_and_unload merges them, with the attention LoRA beside them."""
+    cfg = transformers.Llama4TextConfig(hidden_size=32, intermediate_size=24, intermediate_size_mlp=40,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        num_local_experts=4, num_experts_per_tok=1, vocab_size=64,
+                                        interleave_moe_layer_step=1)
+    torch.manual_seed(0)
+    save_base_adapter_and_peft_merge(transformers.Llama4ForCausalLM(cfg), targets, tmp_path, modules=["q_proj"])
+    result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours", verify="full")
+    assert result.verify.ok and sum(".experts." in n for n in result.changed) == 4
+    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == len(result.changed)
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k

@@ -78,6 +78,9 @@ def _levels(weights: Path, r: int, keys: set[str] | None = None) -> list[tuple[s
 # model_type → {parameter: (d1, d2) as config keys}
 FUSED_ON_DISK = {
     "gpt_oss": {"gate_up_proj": ("hidden_size", "2*intermediate_size"), "down_proj": ("intermediate_size", "hidden_size")},
+    # Llama 4 (text): the same (E, H, 2I) / (E, I, H) fused parameters, read by PEFT the swapped way
+    "llama4_text": {"gate_up_proj": ("hidden_size", "2*intermediate_size"),
+                    "down_proj": ("intermediate_size", "hidden_size")},
 }
 
 
