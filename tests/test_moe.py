@@ -17,6 +17,18 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
+def assert_equals_peft_merge(tmp_path: Path, changed: int) -> None:
+    """tmp_path/ours holds what tmp_path/theirs (PEFT's merge) holds, within float32 rounding, and
+    exactly ``changed`` tensors differ from tmp_path/base."""
+    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == changed
+    for k, v in theirs.items():
+        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+
+
 def save_base_adapter_and_peft_merge(model, targets: list[str], tmp_path: Path, modules: list[str] | None = None) -> None:
     """tmp_path/base (the model), /adapter (a random PEFT target_parameters LoRA, with module LoRA on
     ``modules`` beside it), /theirs (PEFT's merge)."""
@@ -188,13 +200,7 @@ def test_module_lora_beside_expert_lora(tmp_path: Path, arch: str) -> None:
     result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours")
     assert result.verify.ok
     assert sum(n.endswith(("q_proj.weight", "v_proj.weight")) for n in result.changed) == 4
-    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
-    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    base = load_file(str(tmp_path / "base" / "model.safetensors"))
-    assert set(theirs) == set(ours)
-    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == len(result.changed)
-    for k, v in theirs.items():
-        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+    assert_equals_peft_merge(tmp_path, len(result.changed))
 
 
 def test_gpt_oss_swapped_peft_layout_and_square_experts(tmp_path: Path) -> None:
@@ -257,10 +263,4 @@ def test_llama4_experts_fused_on_disk_merge_like_peft(tmp_path: Path, targets: l
     save_base_adapter_and_peft_merge(transformers.Llama4ForCausalLM(cfg), targets, tmp_path, modules=["q_proj"])
     result = loratools.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours", verify="full")
     assert result.verify.ok and sum(".experts." in n for n in result.changed) == 4
-    theirs = load_file(str(tmp_path / "theirs" / "model.safetensors"))
-    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
-    base = load_file(str(tmp_path / "base" / "model.safetensors"))
-    assert set(theirs) == set(ours)
-    assert sum(not torch.equal(theirs[k], base[k]) for k in base) == len(result.changed)
-    for k, v in theirs.items():
-        assert torch.allclose(ours[k], v, rtol=0, atol=2e-6 * max(1.0, float(v.abs().max()))), k
+    assert_equals_peft_merge(tmp_path, len(result.changed))
