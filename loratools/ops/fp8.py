@@ -212,6 +212,20 @@ def expand(scales: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -
     return s
 
 
+_VALUES: dict[torch.dtype, torch.Tensor] = {}
+
+
+def widen(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 codes as ``dtype`` values, through a 256-entry table (exact: every code's value is a
+    float32; about twice as fast as torch's own fp8 cast on a CPU)."""
+    if codes.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or codes.device.type != "cpu":
+        return codes.to(dtype)
+    table = _VALUES.get(codes.dtype)
+    if table is None:
+        table = _VALUES[codes.dtype] = torch.arange(256, dtype=torch.uint8).view(codes.dtype).to(torch.float32)
+    return torch.take(table, codes.contiguous().view(torch.uint8).long()).to(dtype)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """q · s in ``dtype`` for a band of codes (…, rows, cols) and the scales of its blocks."""
     rows, cols = codes.shape[-2:]
@@ -219,9 +233,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]
     if rows % br == 0 and cols % bc == 0 and scales.shape[-2:] == (rows // br, cols // bc):
         # whole blocks: one broadcast multiply, no spread copy of the scales
         lead = codes.shape[:-2]
-        view = codes.to(dtype).reshape(*lead, rows // br, br, cols // bc, bc)
+        view = widen(codes, dtype).reshape(*lead, rows // br, br, cols // bc, bc)
         return (view * scales.to(dtype).reshape(*lead, rows // br, 1, cols // bc, 1)).reshape(codes.shape)
-    return codes.to(dtype) * expand(scales.to(dtype), block, rows, cols)
+    return widen(codes, dtype) * expand(scales.to(dtype), block, rows, cols)
 
 
 def _block_view(W: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -307,7 +321,7 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def dequantize_band(bs: BlockScale, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bs.per_tensor:
-        return codes.to(dtype) * scales.to(dtype).reshape(())
+        return widen(codes, dtype) * scales.to(dtype).reshape(())
     return dequantize(codes, scales, bs.block, dtype)
 
 
