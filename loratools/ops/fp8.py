@@ -63,10 +63,6 @@ class BlockScale:
         shape = tuple(self.info_weight_shape)
         return (shape[-2], shape[-1]) if len(shape) >= 2 else ((shape[0] if shape else 1), 1)
 
-    def describe(self) -> str:
-        what = "per tensor" if self.per_tensor else f"{'×'.join(map(str, self.block))} blocks"
-        return f"{self.scale} ({what}, {self.info.dtype})"
-
 
 @dataclass
 class QuantStats:
@@ -346,15 +342,10 @@ def tally(stats: QuantStats, bs: BlockScale, W: torch.Tensor, exact: torch.Tenso
     k = max(1, rows * exact.shape[-1] // STAT_ELEMENTS) if exact.dim() >= 2 else 1
     if exact.dim() >= 2 and k > 1 and not bs.per_tensor:
         sel = slice(None, None, k)
-        br = bs.block[0]
-        # the scales of the rows taken: one row of scales per block of rows
-        rows_idx = torch.arange(rows)[sel]
-        x = exact[..., sel, :].float()
-        w = W[..., sel, :].float()
-        q = codes[..., sel, :].float()
-        pick = lambda g: g[..., torch.div(rows_idx, br, rounding_mode="floor"), :].float()  # noqa: E731
-        s_new = pick(scales).repeat_interleave(bs.block[1], dim=-1)[..., :x.shape[-1]]
-        s_old = pick(old_scales).repeat_interleave(bs.block[1], dim=-1)[..., :x.shape[-1]]
+        taken = torch.arange(rows)[sel]
+        x, w, q = exact[..., sel, :].float(), W[..., sel, :].float(), codes[..., sel, :].float()
+        s_new = _row_scales(scales, bs.block, taken, x.shape[-1]).float()
+        s_old = _row_scales(old_scales, bs.block, taken, x.shape[-1]).float()
     else:
         x, w, q = exact.float(), W.float(), codes.float()
         if bs.per_tensor:
@@ -387,8 +378,14 @@ def expand_rows(bs: BlockScale, grid: torch.Tensor, idx: torch.Tensor, cols: int
     if bs.lead:
         rows = bs.matrix[0]
         return expand(grid[idx].double(), bs.block, rows, cols)
-    s = grid[torch.div(idx, bs.block[0], rounding_mode="floor")].double()
-    return s.repeat_interleave(bs.block[1], dim=-1)[..., :cols]
+    return _row_scales(grid, bs.block, idx, cols).double()
+
+
+def _row_scales(grid: torch.Tensor, block: tuple[int, int], idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """The scale of every element of rows ``idx`` of the last two dimensions (the block row each row
+    falls in, spread over its columns)."""
+    s = grid[..., torch.div(idx, block[0], rounding_mode="floor"), :]
+    return s.repeat_interleave(block[1], dim=-1)[..., :cols]
 
 
 def e4m3_step(x: torch.Tensor) -> torch.Tensor:

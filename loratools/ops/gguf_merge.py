@@ -245,20 +245,54 @@ def _delta_rows(ch: Change, i: int, j: int, cols: int, dtype: torch.dtype) -> to
     return _delta_at(ch, torch.arange(i, j), cols, dtype)[0]
 
 
-def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, options: Options,
-               records: list[dict]) -> Result:
-    """Write OUT (.gguf; the same splits as BASE) with the adapters merged; see the module doc."""
-    from ..formats.gguf_lora import _gguf
-    from ..pipeline import commit
+@dataclass
+class Opened:
+    """A GGUF model (all its splits) opened once, and the adapters read against it."""
 
-    gguf = _gguf()
-    if out.suffix != ".gguf":
-        raise InvalidArgumentError(f"BASE {base.name} is a GGUF model: OUT must end in .gguf (got {out.name}).")
+    files: list[Path]
+    readers: list[Any]
+    config: dict
+    tensors: dict[str, Any]
+    adapters: list[tuple[Adapter, float]]
+
+
+def open_model(base: Path, refs: list[Any], weights: list[float], options: Options) -> Opened:
+    """BASE's files and readers, the config its metadata gives, and the adapters read with it (their
+    names and head counts are the model's)."""
+    from ..formats import read_adapter
+    from ..hub import resolve
+
     files = split_files(base)
     readers = _readers(files)
     config = model_config(readers[0], base)
-    tensors = {t.name: t for r in readers for t in r.tensors}
-    changes = plan_changes(adapters, config, tensors, base)
+    adapters = [(ref if isinstance(ref, Adapter) else read_adapter(
+        resolve(ref, kind="adapter"), format=options.from_format, base_config=config, allow_skip=options.allow_skip),
+        float(w)) for ref, w in zip(refs, weights)]
+    return Opened(files, readers, config, {t.name: t for r in readers for t in r.tensors}, adapters)
+
+
+def merge_gguf(base: Path, refs: list[Any], weights: list[float], out: Path, options: Options) -> Result:
+    """merge BASE.gguf ADAPTER… OUT.gguf: OUT (the same splits as BASE) with the adapters merged;
+    see the module doc."""
+    from ..checkpoint.writer import check_output
+    from ..formats.gguf_lora import _gguf
+    from ..pipeline import commit, forgotten_out
+    from .plan import file_sha256
+
+    for opt, what in ((options.reversible, "--reversible"), (options.max_shard_size, "--max-shard-size")):
+        if opt:
+            raise InvalidArgumentError(f"{what} does not apply to a GGUF model.")
+    if out.suffix != ".gguf":
+        raise InvalidArgumentError(f"BASE {base.name} is a GGUF model: OUT must end in .gguf (got {out.name}).")
+    if not SPLIT.match(base.name) and not options.dry_run:  # split OUTs are checked where they are moved in
+        check_output(out, inputs=[base], overwrite=options.overwrite, expected=set(),
+                     forgotten_out_hint=forgotten_out("merge", out))
+    gguf = _gguf()
+    model = open_model(base, refs, weights, options)
+    files, readers, tensors = model.files, model.readers, model.tensors
+    records = [{"path": a.path.name if a.path else "adapter", "format": a.format,
+                "sha256": file_sha256(list(a.files)) if a.files else None, "weight": w} for a, w in model.adapters]
+    changes = plan_changes(model.adapters, model.config, tensors, base)
     forced = TYPE_OF.get(options.output_dtype or "")
     if options.output_dtype and forced is None:
         raise InvalidArgumentError(f"--dtype {options.output_dtype} has no GGUF type: use fp32, fp16 or bf16.")
@@ -301,17 +335,16 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
         result = Result(out=out, warnings=list(notes))
         written = 0
         for n, (reader, fname) in enumerate(zip(readers, names)):
-            path = tmp / fname if len(files) > 1 else tmp / out.name
-            _write_file(gguf, reader, path, changes, out_types, record if n == 0 else None, stats, options,
+            _write_file(gguf, reader, tmp / fname, changes, out_types, record if n == 0 else None, stats,
                         source=files[n])
-            written += path.stat().st_size
+            written += (tmp / fname).stat().st_size
         result.bytes_written = written
         result.changed = sorted(changes)
         result.copied = len(tensors) - len(changes)
         result.seconds = time.perf_counter() - start
         if options.verify != "none":
-            outs = [tmp / f for f in names] if len(files) > 1 else [tmp / out.name]
-            result.verify = _check(gguf, outs, tensors, changes, out_types, full=options.verify == "full")
+            got = {t.name: t for r in _readers([tmp / f for f in names]) for t in r.tensors}
+            result.verify = _check(gguf, got, tensors, changes, out_types, full=options.verify == "full")
             if not result.verify.ok:
                 raise VerificationError("merge: the written GGUF failed verification; nothing was written. "
                                         + result.verify.summary(),
@@ -323,6 +356,7 @@ def merge_gguf(base: Path, adapters: list[tuple[Adapter, float]], out: Path, opt
     else:
         result = commit(out, options, write=write, single_file=True)
     result.out = out if len(files) == 1 else out.parent / names[0]
+    result.adapter_count = len(model.adapters)
     requant = [n for n, q in out_types.items() if q.name not in FLOATS]
     if requant:
         worst = max(stats.get(n, 0.0) for n in requant)
@@ -368,8 +402,9 @@ def _copy_fields(writer: Any, reader: Any, gguf: Any) -> None:
 
 
 def _write_file(gguf: Any, reader: Any, out: Path, changes: dict[str, Change], out_types: dict[str, Any],
-                record: str | None, stats: dict[str, float], options: Options, *, source: Path) -> None:
-    path = source  # what messages name: the model file the tensor comes from
+                record: str | None, stats: dict[str, float], *, source: Path) -> None:
+    """One output file: ``reader``'s keys and tensors (of the model file ``source``, which messages
+    name), the changed ones computed."""
     arch = _field(reader, "general.architecture") or "llama"
     writer = gguf.GGUFWriter(str(out), arch)
     _copy_fields(writer, reader, gguf)
@@ -407,9 +442,9 @@ def _write_file(gguf: Any, reader: Any, out: Path, changes: dict[str, Change], o
             if not bool(torch.isfinite(exact).all()):
                 held = not bool(torch.isfinite(W).all())
                 raise NonFiniteError(
-                    f"merge would write NaN or Inf into {t.name} (from {path})"
+                    f"merge would write NaN or Inf into {t.name} (from {source})"
                     f"{': the model tensor already holds non-finite values' if held else ''}; nothing was written.",
-                    tensor=t.name, path=path,
+                    tensor=t.name, path=source,
                     hint="The GGUF model is damaged." if held else "Check the adapter weights (a weight far too "
                     "large overflows float32).")
             data = _encode(gguf, exact, qtype)
@@ -429,9 +464,9 @@ def _write_file(gguf: Any, reader: Any, out: Path, changes: dict[str, Change], o
     writer.close()
 
 
-def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str, Change], out_types: dict[str, Any],
-           *, full: bool) -> Any:
-    """Read OUT back with the package's reader: every untouched tensor byte for byte the base's, and
+def _check(gguf: Any, got: dict[str, Any], base: dict[str, Any], changes: dict[str, Change],
+           out_types: dict[str, Any], *, full: bool) -> Any:
+    """OUT as the package's reader read it back (``got``): every untouched tensor byte for byte the base's, and
     every changed one at seeded rows (all rows with ``full``) against float64 W + Σ wᵢ·ΔWᵢ from the
     adapters' own factors — within one ulp of its float type plus the float32 bound, or, where
     requantized, equal to the package's quantizer applied to the float64 reference up to the
@@ -439,7 +474,6 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
     from ..verify import TensorCheck, VerifyReport, sample_rows, ulp
 
     report = VerifyReport(level="full" if full else "sample", sample_rows=0 if full else SAMPLE_ROWS)
-    got = {t.name: t for r in _readers(outs) for t in r.tensors}
     for name, t in base.items():
         o = got.get(name)
         if o is None:
@@ -487,32 +521,19 @@ def _check(gguf: Any, outs: list[Path], base: dict[str, Any], changes: dict[str,
     return report
 
 
-def verify_gguf(base: Path, adapters: list[Any], weights: list[float], merged: Path, options: Options) -> Any:
+def verify_gguf(base: Path, refs: list[Any], weights: list[float], merged: Path, options: Options) -> Any:
     """``loratools verify BASE.gguf ADAPTER… MERGED.gguf``: every tensor of MERGED against BASE + Σ
     wᵢ·ΔWᵢ — changed ones at every row in float64, each in the type MERGED stores it (llama.cpp's
     export-lora writes F16 where the base was quantized: held to F16's rounding), the others byte
     for byte; tensors missing from MERGED or extra in it fail."""
-    from ..formats import read_adapter
-    from ..hub import resolve
+    from ..formats.gguf_lora import _gguf
     from ..verify import TensorCheck
 
-    from ..formats.gguf_lora import _gguf
-
-    gguf = _gguf()
-    files = split_files(base)
-    readers = _readers(files)
-    config = model_config(readers[0], base)
-    tensors = {t.name: t for r in readers for t in r.tensors}
-    read = []
-    for ref, w in zip(adapters, weights):
-        a = ref if isinstance(ref, Adapter) else read_adapter(resolve(ref, kind="adapter"), format=options.from_format,
-                                                              base_config=config, allow_skip=options.allow_skip)
-        read.append((a, float(w)))
-    changes = plan_changes(read, config, tensors, base)
-    outs = split_files(merged)
-    got = {t.name: t for r in _readers(outs) for t in r.tensors}
+    model = open_model(base, refs, weights, options)
+    changes = plan_changes(model.adapters, model.config, model.tensors, base)
+    got = {t.name: t for r in _readers(split_files(merged)) for t in r.tensors}
     out_types = {name: got[name].tensor_type for name in changes if name in got}
-    report = _check(gguf, outs, tensors, changes, out_types, full=True)
-    for name in sorted(set(got) - set(tensors)):
+    report = _check(_gguf(), got, model.tensors, changes, out_types, full=True)
+    for name in sorted(set(got) - set(model.tensors)):
         report.checks.append(TensorCheck(name, got[name].tensor_type.name, "FAIL", "extra"))
     return report

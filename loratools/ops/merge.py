@@ -157,45 +157,11 @@ def merge(
     opts = Options.build(**options)  # type: ignore[arg-type]
     adapters = _as_list(adapters)
     ws = check_weights(weights, len(adapters))
-    from .gguf_merge import is_gguf
+    from .gguf_merge import is_gguf, merge_gguf
 
-    if is_gguf(base):
-        return _merge_gguf(Path(base), adapters, ws, Path(out), opts)
+    if is_gguf(base):  # a llama.cpp model (ops/gguf_merge.py)
+        return merge_gguf(Path(base), adapters, ws, Path(out), opts)
     return _run("merge", base, [AdapterGroup(adapters, ws, 1.0)], out, opts)
-
-
-def _merge_gguf(base: Path, adapters: list[str | Path | Adapter], weights: list[float], out: Path,
-                options: Options) -> Result:
-    """merge BASE.gguf ADAPTER… OUT.gguf (``ops/gguf_merge.py``): adapters read with the names and
-    head counts the GGUF's metadata gives."""
-    from ..formats import read_adapter
-    from ..hub import resolve
-    from ..pipeline import check_output, forgotten_out
-    from .gguf_merge import _readers, merge_gguf, model_config, split_files
-    from .plan import file_sha256
-
-    for opt, what in ((options.reversible, "--reversible"), (options.max_shard_size, "--max-shard-size")):
-        if opt:
-            raise InvalidArgumentError(f"{what} does not apply to a GGUF model.")
-    files = split_files(base)
-    if len(files) == 1 and not options.dry_run:
-        check_output(out, inputs=[base], overwrite=options.overwrite, expected=set(),
-                     forgotten_out_hint=forgotten_out("merge", out))
-    config = model_config(_readers(files[:1])[0], base)
-    read: list[tuple[Adapter, float]] = []
-    records = []
-    for ref, w in zip(adapters, weights):
-        if isinstance(ref, Adapter):
-            a = ref
-        else:
-            a = read_adapter(resolve(ref, kind="adapter"), format=options.from_format, base_config=config,
-                             allow_skip=options.allow_skip)
-        read.append((a, float(w)))
-        records.append({"path": a.path.name if a.path else "adapter", "format": a.format,
-                        "sha256": file_sha256(list(a.files)) if a.files else None, "weight": float(w)})
-    result = merge_gguf(base, read, out, options, records)
-    result.adapter_count = len(read)
-    return result
 
 
 def unmerge(

@@ -252,7 +252,7 @@ def build_plan(
             info = base.tensors[name]
             out_dtype = info.dtype
             edits = ops.get(name, [])
-            if name in activation and name in base.tensors:
+            if name in activation:
                 continue
             if name in scales:
                 weight = scales[name]
