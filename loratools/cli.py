@@ -341,25 +341,26 @@ def swap(merged: Path, old: Path, new: Path, out: Path, **options: Any) -> None:
 
 
 def _result_json(result: Any) -> dict[str, Any]:
-    plans = result.plans or {"": result.plan}
+    # the safetensors plans (a GGUF merge has none: its result lists what changed itself)
+    plans = {c: p for c, p in (result.plans or {"": result.plan}).items() if p is not None}
 
     def named(component: str, name: str) -> str:
         return f"{component}/{name}" if component else name
 
     out: dict[str, Any] = {
         "out": str(result.out) if result.out else None,
-        "changed": [named(c, t.name) for c, p in plans.items() if p is not None for t in p.changed()] or result.changed,
-        "unchanged": sum(len(p.tensors()) - len(p.changed()) for p in plans.values() if p is not None) or result.copied,
-        "files": [named(c, s.filename) for c, p in plans.items() if p is not None for s in p.shards],
-        "bytes": sum(p.total_bytes() for p in plans.values() if p is not None) or result.bytes_written,
+        "changed": [named(c, t.name) for c, p in plans.items() for t in p.changed()] if plans else result.changed,
+        "unchanged": sum(len(p.tensors()) - len(p.changed()) for p in plans.values()) if plans else result.copied,
+        "files": [named(c, s.filename) for c, p in plans.items() for s in p.shards],
+        "bytes": sum(p.total_bytes() for p in plans.values()) if plans else result.bytes_written,
         "adapters": list({a.sha256: {"path": a.label, "weight": a.weight, "sha256": a.sha256}
-                          for p in plans.values() if p is not None for a in p.adapters}.values()),
+                          for p in plans.values() for a in p.adapters}.values()),
         "warnings": result.warnings,
         "seconds": result.seconds,
         "undo": {"bytes": result.undo_bytes, "reasons": result.undo_reasons} if result.undo_bytes else None,
         "requantized": {name: {"requant_rel": st.requant_rel, "original_rel": st.original_rel, "delta_rel": st.delta_rel,
                                "worst_steps": st.worst_steps}
-                        for p in plans.values() if p is not None for name, st in p.quant.stats.items()} or None,
+                        for p in plans.values() for name, st in p.quant.stats.items()} or None,
         "notes": result.notes,
     }
     if result.verify is not None:

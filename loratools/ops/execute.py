@@ -186,7 +186,7 @@ def emit_tensor(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Com
     edits are plain low-rank deltas or a cast, else whole through :func:`compute_tensor`."""
     out_dtype = BY_ST[t.out_dtype].torch
     if t.quant is not None or t.scale_of is not None:
-        _emit_quantized(plan, t, writer, compute=compute, warnings=warnings)
+        _emit_quantized(plan, t, writer, compute=compute)
         return
     if t.source.begin >= 0 and out_dtype is not None:
         with plan.base.view(t.name) as src:
@@ -324,8 +324,8 @@ class BackgroundSha256:
         return self._hash.hexdigest()
 
 
-def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: bool = True,
-                      warnings: list[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute,
+                      codes: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """An FP8 weight with scales (``ops/fp8.py``), band by band: dequantized, edited in the compute
     dtype, then requantized (FP8 out: returns codes and the new scales in the stored scales' shape)
     or rounded once to the output dtype (returns the values, no scales). ``codes=False``: only the
@@ -350,9 +350,8 @@ def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: boo
             if requant:
                 q, new = fp8.quantize_band(bs, exact, grid.dtype, old.to(exact.device))
                 new_grid[fp8.scale_slice(bs, i, j)] = new.cpu()
-                if codes:
+                if codes:  # (and the statistics once, with the weight: not for a scale written first)
                     result[i:j] = q.cpu()
-                if codes:  # the statistics once, with the weight (not again for a scale written first)
                     fp8.tally(stats, bs, W.cpu(), exact.cpu(), q.cpu(), new.cpu(), old)
             else:
                 block = exact.to(out_dtype)
@@ -368,8 +367,7 @@ def compute_quantized(plan: Plan, t: TensorPlan, *, compute: Compute, codes: boo
     return result, None
 
 
-def _emit_quantized(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Compute,
-                    warnings: list[str] | None) -> None:
+def _emit_quantized(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute: Compute) -> None:
     """Write an FP8 weight with scales, or the scales of one: a scale tensor written before its
     weight is computed from the same bands (the weight is computed again when its turn comes,
     with bit-identical results); one written after takes the scales already computed."""
@@ -382,7 +380,7 @@ def _emit_quantized(plan: Plan, t: TensorPlan, writer: StreamWriter, *, compute:
         writer.write_tensor(t.name, done.reshape(t.source.shape).contiguous())
         return
     before = plan.quant.scales.get(t.name)
-    value, scales = compute_quantized(plan, t, compute=compute, warnings=warnings)
+    value, scales = compute_quantized(plan, t, compute=compute)
     if before is not None and scales is not None and not torch.equal(fp8.as_bytes(before), fp8.as_bytes(scales)):
         raise InternalError(f"{t.name}: its scales came out differently the second time they were computed.")
     writer.write_tensor(t.name, value)
